@@ -175,6 +175,9 @@ class VPSDE(SDE):
         super().__init__(N)
         if not 0 < beta_min < beta_max:
             raise ValueError(f"need 0 < beta_min < beta_max, got {beta_min}, {beta_max}")
+        if beta_max / N >= 1.0:
+            raise ValueError(f"N={N} steps make DDPM's largest β_i = beta_max/N = {beta_max / N:.3g} >= 1; "
+                             f"use N > beta_max (e.g. model.num_scales >= {int(beta_max) + 1})")
         self.beta_0, self.beta_1 = float(beta_min), float(beta_max)
         # DDPM's discretization (SPEC §1): β_i = β_min/N + i/(N-1) (β_max - β_min)/N.
         self.discrete_betas = np.linspace(beta_min / N, beta_max / N, N)

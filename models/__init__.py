@@ -50,4 +50,4 @@ def get_score_fn(sde, model, variables, train=False, continuous=True, rng=None):
     return score_fn
 
 
-from models import mlp  # noqa: E402,F401  (registers the models)
+from models import ddpm, mlp, ncsn, ncsnpp, ncsnv2  # noqa: E402,F401  (registers the models)
