@@ -4,6 +4,8 @@
 p_t = Σ_k π_k N(m(t) μ_k, m(t)² Σ_k + σ_t² I). So log p_t, its score and the exact NLL of any point are known
 in closed form, and every numerical path of the project can be checked against them without training.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,3 +97,143 @@ def exact_prior_logp(mixture, sde):
     """log p_T, the exact terminal marginal, to use in place of sde.prior_logp when the prior mismatch matters."""
     return lambda z: mixture.log_prob(z, jnp.full(z.shape[:1], sde.T), sde)
 
+
+
+# --- 2-D toy densities (the customary FFJORD benchmarks, on a scale of about ±4) and the data pipeline. ---
+# Each sampler is a pure function sample(rng, n) -> [n, 2] float32; TOY_DATASETS builds, from config.data,
+# a Toy: the sampler and, where it is a Gaussian mixture, its exact density (SPEC §9).
+
+def _eight_gaussians_mixture():
+    """8 equal Gaussians, std 0.5/√2, centred on a circle of radius 2√2 (FFJORD's 4 and 0.5, divided by √2)."""
+    angles = np.arange(8) * np.pi / 4
+    centers = 2.0 * np.sqrt(2.0) * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    return GaussianMixture.isotropic(np.full(8, 1 / 8), centers, 0.5 / np.sqrt(2.0))
+
+
+EIGHT_GAUSSIANS = _eight_gaussians_mixture()
+
+
+def checkerboard(rng, n):
+    """Uniform on the 8 squares (side 2) of a 4x4 board on [-4, 4]² whose column + row index is even."""
+    x_rng, row_rng, y_rng = jax.random.split(rng, 3)
+    x = jax.random.uniform(x_rng, (n,), minval=-4.0, maxval=4.0)
+    col = jnp.floor(x / 2.0)
+    row = 2.0 * jax.random.randint(row_rng, (n,), -1, 1) + jnp.mod(col, 2.0)
+    y = 2.0 * (row + jax.random.uniform(y_rng, (n,)))
+    return jnp.stack([x, y], axis=1)
+
+
+def two_moons(rng, n):
+    """Two interleaved half circles (sklearn's make_moons, noise 0.1) scaled by 2 and shifted by (-1, -0.2)."""
+    a_rng, m_rng, z_rng = jax.random.split(rng, 3)
+    angle = jax.random.uniform(a_rng, (n,), maxval=np.pi)
+    upper = jax.random.bernoulli(m_rng, 0.5, (n,))
+    x = jnp.where(upper, jnp.cos(angle), 1.0 - jnp.cos(angle))
+    y = jnp.where(upper, jnp.sin(angle), 0.5 - jnp.sin(angle))
+    points = jnp.stack([x, y], axis=1) + 0.1 * jax.random.normal(z_rng, (n, 2))
+    return 2.0 * points + jnp.array([-1.0, -0.2])
+
+
+def swiss_roll(rng, n):
+    """The 2-D swiss roll (t cos t, t sin t), t ~ U[1.5π, 4.5π], plus N(0, 1) noise, divided by 5 (FFJORD)."""
+    t_rng, z_rng = jax.random.split(rng)
+    t = 1.5 * np.pi * (1.0 + 2.0 * jax.random.uniform(t_rng, (n,)))
+    points = jnp.stack([t * jnp.cos(t), t * jnp.sin(t)], axis=1) + jax.random.normal(z_rng, (n, 2))
+    return points / 5.0
+
+
+def rings(rng, n):
+    """4 concentric circles of radii 0.75, 1.5, 2.25, 3 (equally likely, uniform angle), noise std 0.08."""
+    r_rng, a_rng, z_rng = jax.random.split(rng, 3)
+    radius = 0.75 * jax.random.randint(r_rng, (n,), 1, 5).astype(jnp.float32)
+    angle = jax.random.uniform(a_rng, (n,), maxval=2.0 * np.pi)
+    points = radius[:, None] * jnp.stack([jnp.cos(angle), jnp.sin(angle)], axis=1)
+    return points + 0.08 * jax.random.normal(z_rng, (n, 2))
+
+
+def gmm_from_config(data):
+    """The GaussianMixture of config.data.gmm_weights [K], gmm_means [K, D] and gmm_stds [K] (isotropic)."""
+    missing = [k for k in ("gmm_weights", "gmm_means", "gmm_stds") if k not in data]
+    if missing:
+        raise ValueError(f"dataset 'gmm' needs config.data.{', config.data.'.join(missing)} "
+                         "(mixture weights [K], means [K, D], isotropic stds [K])")
+    as_tuple = lambda v: tuple(map(as_tuple, v)) if isinstance(v, (list, tuple)) else float(v)
+    return _isotropic_mixture(as_tuple(data.gmm_weights), as_tuple(data.gmm_means), as_tuple(data.gmm_stds))
+
+
+@functools.cache
+def _isotropic_mixture(weights, means, stds):
+    """One GaussianMixture per parameter set, so datasets of the same mixture share the compiled sampler."""
+    means, stds = np.asarray(means, np.float64), np.asarray(stds, np.float64)
+    if stds.shape != means.shape[:1] or (stds <= 0).any():
+        raise ValueError(f"config.data.gmm_stds must hold one positive std per component "
+                         f"({means.shape[0]}), got {list(stds)}")
+    return GaussianMixture(weights, means, stds[:, None, None] ** 2 * np.eye(means.shape[1]))
+
+
+class Toy:
+    """A low-dimensional density: `sample(rng, n)` and, for Gaussian mixtures, the exact `density` (else None)."""
+
+    def __init__(self, sample, density=None):
+        self.sample, self.density = sample, density
+
+
+def _mixture_toy(mixture):
+    return Toy(mixture.sample, mixture)
+
+
+TOY_DATASETS = {
+    "eight_gaussians": lambda data: _mixture_toy(EIGHT_GAUSSIANS),
+    "checkerboard": lambda data: Toy(checkerboard),
+    "two_moons": lambda data: Toy(two_moons),
+    "swiss_roll": lambda data: Toy(swiss_roll),
+    "rings": lambda data: Toy(rings),
+    "gmm": lambda data: _mixture_toy(gmm_from_config(data)),
+}
+
+# The data's rng stream, apart from the streams that run_lib splits from the same seed.
+_DATA_STREAM = 0x0DA7A
+
+
+@functools.cache
+def _jitted(sample):
+    """sample(rng, n) compiled per n, shared by every dataset of the same sampler."""
+    return jax.jit(sample, static_argnums=1)
+
+
+class ToyDataset:
+    """Training batches and a held-out test set of a Toy density.
+
+    `train_batch(step)` [B / process_count, D] is a pure function of (seed, step, process index): the step is the
+    iterator's position, so a resumed run sees exactly the batches an uninterrupted one would. `test_data`
+    [num_test, D] comes from a separate rng stream. Continuous data: `data_range` and `levels` are None.
+    """
+
+    data_range = None
+    levels = None
+
+    def __init__(self, toy, seed, batch_size, num_test):
+        train_rng, test_rng = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), _DATA_STREAM))
+        self._train_rng = jax.random.fold_in(train_rng, jax.process_index())
+        self._sample = _jitted(toy.sample)
+        self.density = toy.density
+        self.host_batch_size = batch_size // jax.process_count()
+        self.test_data = np.asarray(self._sample(test_rng, num_test))
+        self.shape = self.test_data.shape[1:]
+
+    def train_batch(self, step):
+        """This host's share of the batch of training step `step` (a numpy array)."""
+        return np.asarray(self._sample(jax.random.fold_in(self._train_rng, step), self.host_batch_size))
+
+
+def get_dataset(config):
+    """The dataset named by config.data.dataset (one of TOY_DATASETS), batched by config.training.batch_size."""
+    name = config.data.dataset
+    if name not in TOY_DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; set config.data.dataset to one of {sorted(TOY_DATASETS)}")
+    dataset = ToyDataset(TOY_DATASETS[name](config.data), config.seed, config.training.batch_size,
+                         config.eval.num_test)
+    if dataset.shape != (config.data.dim,):
+        raise ValueError(f"dataset {name!r} has shape {dataset.shape} but config.data.dim = {config.data.dim}; "
+                         f"set config.data.dim = {dataset.shape[0]}")
+    return dataset

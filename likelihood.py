@@ -75,9 +75,9 @@ def _ode_vector_field(sde, score_fn, exact):
     return vector_field
 
 
-@functools.partial(jax.jit, static_argnames=("sde", "score_fn", "exact_divergence", "hutchinson_type", "rtol",
+@functools.partial(jax.jit, static_argnames=("sde", "exact_divergence", "hutchinson_type", "rtol",
                                              "atol", "eps", "solver", "prior_logp", "max_steps"))
-def _log_likelihood(rng, x, *, sde, score_fn, exact_divergence, hutchinson_type, rtol, atol, eps, solver,
+def _log_likelihood(rng, x, score_fn, *, sde, exact_divergence, hutchinson_type, rtol, atol, eps, solver,
                     prior_logp, max_steps):
     probe = _PROBES[hutchinson_type](rng, x.shape, x.dtype)  # one v per example, fixed for the whole solve
     solver = _SOLVERS[solver]()
@@ -103,13 +103,14 @@ def log_likelihood(rng, sde, score_fn, x, exact_divergence=False, hutchinson_typ
     integral. nfe (an int32 scalar) counts evaluations of f̃ as documented in `_count_nfe`; each costs one jvp
     of the score (Hutchinson) or one linearization and D jvps (exact).
 
-    Compiled once per (sde, score_fn, options): reuse the same score_fn object to avoid re-tracing. If the solve
+    Compiled once per (sde, options, score function structure): the score function is a traced argument
+    (sde_lib.as_pytree), so a network's new parameters reuse the compiled solve. If the solve
     needs more than max_steps steps, diffrax raises an error at run time.
     """
     sde_lib.check_eps(eps, sde.T)
     _lookup(_SOLVERS, solver, "ODE solver")
     _lookup(_PROBES, hutchinson_type, "Hutchinson probe type")
-    return _log_likelihood(rng, x, sde=sde, score_fn=score_fn, exact_divergence=exact_divergence,
+    return _log_likelihood(rng, x, sde_lib.as_pytree(score_fn), sde=sde, exact_divergence=exact_divergence,
                            hutchinson_type=hutchinson_type, rtol=float(rtol), atol=float(atol), eps=float(eps),
                            solver=solver, prior_logp=prior_logp, max_steps=int(max_steps))
 
@@ -185,9 +186,9 @@ def _bound_samples(rng, x, sde, score_fn, importance_sampling, eps, form, prior_
     return -prior_logp(x_T) + weight * integrand
 
 
-@functools.partial(jax.jit, static_argnames=("sde", "score_fn", "n_t", "t_chunk", "importance_sampling", "eps",
+@functools.partial(jax.jit, static_argnames=("sde", "n_t", "t_chunk", "importance_sampling", "eps",
                                              "form", "prior_logp"))
-def _likelihood_bound(rng, x, *, sde, score_fn, n_t, t_chunk, importance_sampling, eps, form, prior_logp):
+def _likelihood_bound(rng, x, score_fn, *, sde, n_t, t_chunk, importance_sampling, eps, form, prior_logp):
     prior_logp = sde.prior_logp if prior_logp is None else prior_logp
     sample = functools.partial(_bound_samples, sde=sde, score_fn=score_fn, importance_sampling=importance_sampling,
                                eps=eps, form=form, prior_logp=prior_logp)
@@ -228,7 +229,7 @@ def likelihood_bound(rng, sde, score_fn, x, n_t=1000, importance_sampling=True, 
     _lookup(_BOUND_FORMS, form, "bound form")
     if int(n_t) < 2:
         raise ValueError(f"n_t must be >= 2 to estimate the Monte-Carlo error, got {n_t}")
-    return _likelihood_bound(rng, x, sde=sde, score_fn=score_fn, n_t=int(n_t),
+    return _likelihood_bound(rng, x, sde_lib.as_pytree(score_fn), sde=sde, n_t=int(n_t),
                              t_chunk=_largest_divisor_at_most(int(n_t), int(t_chunk)),
                              importance_sampling=bool(importance_sampling), eps=float(eps), form=form,
                              prior_logp=prior_logp)

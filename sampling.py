@@ -19,7 +19,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
-from sde_lib import batch_mul, check_eps
+from sde_lib import as_pytree, batch_mul, check_eps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,11 +162,6 @@ def no_corrector(rng, x, t, *, sde, score_fn, snr):
 
 
 # --- Samplers. ---
-def _as_pytree(score_fn):
-    """The score function as a jit argument: a Partial's bound arrays are traced, its function is static."""
-    return score_fn if isinstance(score_fn, jax.tree_util.Partial) else jax.tree_util.Partial(score_fn)
-
-
 def _batch_time(t, shape):
     return jnp.full(shape[:1], t, jnp.float32)
 
@@ -208,7 +203,7 @@ def pc_sample(rng, sde, score_fn, shape, predictor="reverse_diffusion", correcto
     p, c = get_predictor(predictor), get_corrector(corrector)
     if int(n_steps) < 0:
         raise ValueError(f"n_steps (corrector steps per time step) must be >= 0, got {n_steps}")
-    x = _pc_sample(rng, _as_pytree(score_fn), jnp.float32(snr), jnp.float32(eps), sde=sde, shape=tuple(shape),
+    x = _pc_sample(rng, as_pytree(score_fn), jnp.float32(snr), jnp.float32(eps), sde=sde, shape=tuple(shape),
                    predictor=predictor, corrector=corrector, n_steps=int(n_steps),
                    probability_flow=bool(probability_flow), denoise=bool(denoise))
     return x, sde.N * (p.nfe + int(n_steps) * c.nfe)
@@ -261,7 +256,7 @@ def ode_sample(rng, sde, score_fn, shape, solver="tsit5", rtol=1e-5, atol=1e-5, 
     """
     check_eps(eps, sde.T)
     _ode_solver(solver)
-    x, nfe = _ode_sample(rng, _as_pytree(score_fn), jnp.float32(eps), sde=sde, shape=tuple(shape), solver=solver,
+    x, nfe = _ode_sample(rng, as_pytree(score_fn), jnp.float32(eps), sde=sde, shape=tuple(shape), solver=solver,
                          rtol=float(rtol), atol=float(atol), denoise=bool(denoise), max_steps=int(max_steps))
     return x, int(nfe)
 
@@ -318,7 +313,7 @@ def ald_sample(rng, sde, score_fn, shape, step_lr=2e-5, n_steps_each=100, denois
         raise ValueError(f"unknown ALD init {init!r}; choose one of {sorted(_ALD_INITS)}")
     if int(n_steps_each) < 1:
         raise ValueError(f"n_steps_each (Langevin steps per noise level) must be >= 1, got {n_steps_each}")
-    x = _ald_sample(rng, _as_pytree(score_fn), jnp.float32(step_lr), sde=sde, shape=tuple(shape),
+    x = _ald_sample(rng, as_pytree(score_fn), jnp.float32(step_lr), sde=sde, shape=tuple(shape),
                     n_steps_each=int(n_steps_each), denoise=bool(denoise), init=init)
     return x, sde.N * int(n_steps_each) + int(bool(denoise))
 

@@ -343,6 +343,15 @@ def gaussian_logp(z, std):
     return -0.5 * d * jnp.log(2 * np.pi * std**2) - sq / (2 * std**2)
 
 
+def as_pytree(score_fn):
+    """A score function as a jit argument: a jax.tree_util.Partial's bound arrays are traced, its function static.
+
+    models.get_score_fn returns such a Partial, so a network's new parameters reuse compiled samplers and solvers;
+    any other callable is wrapped and compiles once per callable object.
+    """
+    return score_fn if isinstance(score_fn, jax.tree_util.Partial) else jax.tree_util.Partial(score_fn)
+
+
 def check_eps(eps, T=1.0):
     if not 0.0 < float(eps) < T:
         raise ValueError(f"eps must lie in (0, T) = (0, {T}), got {eps}")

@@ -4,6 +4,10 @@ Models are flax.linen modules called as pure functions `model.apply(variables, x
 `labels` is what the SDE says a network conditions on (`sde.noise_labels`). Importing this package registers
 every model module listed at the bottom.
 """
+import dataclasses
+from typing import Any
+
+import jax
 import ml_collections
 
 _MODELS = {}
@@ -39,15 +43,25 @@ def get_score_fn(sde, model, variables, train=False, continuous=True, rng=None):
     VE networks condition on σ_t (continuous) or the level index and output the score (scaled by 1/σ inside the
     model where config.model.scale_by_sigma says so); VP / sub-VP networks condition on 999 t (continuous) or the
     level index and predict the noise, so the score is -output / σ_t. `rng` feeds dropout when train=True.
+
+    It is returned as a jax.tree_util.Partial whose arrays (variables, rng) are pytree leaves and whose function is
+    hashable, so jit-compiled samplers and likelihood solves take new parameters without re-tracing.
     """
-    rngs = {"dropout": rng} if train and rng is not None else {}
+    return jax.tree_util.Partial(_NetworkScore(sde, model, bool(train), bool(continuous)), variables, rng)
 
-    def score_fn(x, t):
-        labels = sde.noise_labels(t, continuous)
-        output = model.apply(variables, x, labels, train=train, rngs=rngs)
-        return sde.output_to_score(output, t, continuous)
 
-    return score_fn
+@dataclasses.dataclass(frozen=True)
+class _NetworkScore:
+    sde: Any
+    model: Any
+    train: bool
+    continuous: bool
+
+    def __call__(self, variables, rng, x, t):
+        labels = self.sde.noise_labels(t, self.continuous)
+        rngs = {"dropout": rng} if self.train and rng is not None else {}
+        output = self.model.apply(variables, x, labels, train=self.train, rngs=rngs)
+        return self.sde.output_to_score(output, t, self.continuous)
 
 
 from models import ddpm, mlp, ncsn, ncsnpp, ncsnv2  # noqa: E402,F401  (registers the models)

@@ -1,0 +1,98 @@
+"""CIFAR-10 base of the score-SDE image experiments; the CelebA, LSUN and MNIST bases start from it.
+
+Field names and values are those of the score-SDE code (yang-song/score_sde,
+configs/default_cifar10_configs.py), with these project deviations, shared by every image config:
+1. training.weighting replaces the boolean training.likelihood_weighting: "sigma2" (λ = σ_t², the reference's
+   False), "likelihood" (λ = g², its True) or "likelihood_importance" (λ = g² with t drawn from q(t) ∝ g²/σ_t²,
+   seed 001); SPEC §3.
+2. Added fields: training.eps (smallest training time), training.max_to_keep (permanent checkpoints kept),
+   sampling.eps (smallest sampling time, set by each experiment: 1e-3 VP / sub-VP, 1e-5 VE; SPEC §1),
+   sampling.num_samples (the grid of --mode=sample), eval.eps, eval.rtol, eval.atol and eval.exact_divergence
+   (the likelihood ODE, SPEC §4), eval.num_test (test images for bits/dim); ve/ncsn and ve/ncsnv2 add
+   sampling.step_lr.
+3. Names are lower case as the code registers them: optim.optimizer "adam", sampling.predictor "ancestral" (the
+   reference's "ancestral_sampling"); training.sde, sampling.method, predictor and corrector otherwise keep the
+   reference's values ("vesde" | "vpsde" | "subvpsde"; "pc" | "ode" | "ald"; "reverse_diffusion" |
+   "euler_maruyama" | "ancestral" | "none"; "langevin" | "ald" | "none").
+4. Dropped: optim.amsgrad (always False in the reference) and the reference's unused locals and misspellings.
+5. eval.begin_ckpt..end_ckpt never exceed the training.n_iters // snapshot_freq checkpoints a run writes (the
+   reference names later ones for the 950k-step deep runs and the 2.4M-step LSUN-based runs; its eval waits for
+   them).
+
+After training, `--mode=eval` evaluates checkpoints eval.begin_ckpt..end_ckpt; add
+--config.eval.enable_sampling=True for FID / IS on eval.num_samples samples, or --config.eval.enable_bpd=True
+for bits/dim on uniformly dequantized test images (the paper's NLL).
+
+Cost: the score-SDE paper names no hardware. The score_sde_pytorch README measures NCSN++ cont. (VE, CIFAR-10)
+on 4×V100 (32 GB) at 0.20 s/step in JAX with n_jitted_steps = 5 (0.30 s with 1): about 3 days for 1.3M steps.
+"""
+import ml_collections
+
+
+def get_default_configs():
+    config = ml_collections.ConfigDict()
+    config.seed = 42
+
+    config.training = training = ml_collections.ConfigDict()
+    training.batch_size = 128
+    training.n_iters = 1300001            # 1.3M steps, the paper's default training length
+    training.snapshot_freq = 50000        # a permanent checkpoint (and FID candidate) every 50k steps
+    training.log_freq = 50
+    training.eval_freq = 100
+    training.snapshot_freq_for_preemption = 10000  # the "meta" checkpoint that resumes a killed run
+    training.snapshot_sampling = True     # a sample grid with every permanent checkpoint
+    training.max_to_keep = 30             # ≥ the 26 permanent checkpoints, all of which eval may sweep
+    training.weighting = "sigma2"         # sigma2 | likelihood | likelihood_importance (SPEC §3)
+    training.continuous = True
+    training.n_jitted_steps = 5           # steps per compiled call; log/eval/snapshot freqs must be multiples
+    training.reduce_mean = False          # False: ½ sum over dimensions (VP / sub-VP experiments set True)
+    training.eps = 1e-5                   # smallest training time
+
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.n_steps_each = 1             # corrector steps per noise level
+    sampling.noise_removal = True         # one denoising step at the end
+    sampling.probability_flow = False     # True: predictors step the probability-flow ODE, not the reverse SDE
+    sampling.snr = 0.16                   # Langevin corrector signal-to-noise ratio (SPEC §7)
+    sampling.num_samples = 64             # images drawn by --mode=sample
+
+    config.eval = evaluate = ml_collections.ConfigDict()
+    evaluate.begin_ckpt = 9               # checkpoints 9..26 (450k..1.3M steps) are swept for the best FID
+    evaluate.end_ckpt = 26
+    evaluate.batch_size = 1024
+    evaluate.enable_sampling = False
+    evaluate.num_samples = 50000          # FID / IS sample count of the paper (SPEC §8)
+    evaluate.enable_loss = True
+    evaluate.enable_bpd = False
+    evaluate.bpd_dataset = "test"
+    evaluate.num_test = 10000             # the CIFAR-10 test split
+    evaluate.eps = 1e-5                   # the likelihood ODE starts here (SPEC §4)
+    evaluate.exact_divergence = False     # Hutchinson: the exact trace needs D = 3072 passes
+    evaluate.rtol = 1e-5
+    evaluate.atol = 1e-5
+
+    config.data = data = ml_collections.ConfigDict()
+    data.dataset = "CIFAR10"
+    data.image_size = 32
+    data.num_channels = 3
+    data.random_flip = True
+    data.centered = False                 # [0, 1]; VP / sub-VP experiments center to [-1, 1]
+    data.uniform_dequantization = False
+
+    config.model = model = ml_collections.ConfigDict()
+    model.sigma_min = 0.01
+    model.sigma_max = 50.0                # ≈ the largest pairwise distance of CIFAR-10 images (Song & Ermon 2020)
+    model.num_scales = 1000
+    model.beta_min = 0.1
+    model.beta_max = 20.0
+    model.dropout = 0.1
+    model.embedding_type = "fourier"      # fourier (VE continuous, of log σ) | positional (labels 999 t or indices)
+
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.optimizer = "adam"
+    optim.lr = 2e-4
+    optim.beta1 = 0.9
+    optim.eps = 1e-8
+    optim.weight_decay = 0.0
+    optim.warmup = 5000                   # linear learning-rate warm-up steps
+    optim.grad_clip = 1.0                 # global-norm clipping; ≤ 0 disables it
+    return config

@@ -1,0 +1,42 @@
+"""VE SDE (SMLD's geometric noise) on the checkerboard, a density with sharp edges, sampled with the
+reverse-diffusion predictor and a Langevin corrector (PC, SPEC §7).
+
+    python main.py --config=configs/toy/ve_checkerboard.py --workdir=runs/ve_checkerboard --mode=train
+
+Expected: runs/ve_checkerboard/samples/step_00004000.png shows the 8 filled squares of the board with sharp
+edges and almost no samples in the empty squares.
+Cost (2-core CPU; wall estimated from the CPU time measured on a shared machine):
+train about 1 min (133 s of CPU time).
+"""
+from configs.default_toy_configs import get_default_configs
+
+
+def get_config():
+    config = get_default_configs()
+    config.data.dataset = "checkerboard"
+
+    training = config.training
+    training.sde = "vesde"
+    training.weighting = "sigma2"
+    training.batch_size = 256
+    training.n_iters = 4000
+    training.snapshot_freq = 2000
+    training.snapshot_freq_for_preemption = 500
+
+    model = config.model
+    model.embedding_type = "fourier"     # of log σ, as NCSN++ for VE
+    model.scale_by_sigma = True          # the network predicts σ · score
+    model.sigma_min = 0.01
+    model.sigma_max = 12.0               # ≥ the board's diameter 8√2 ≈ 11.3 (Song & Ermon 2020, technique 1)
+    model.ema_rate = 0.995
+    config.optim.lr = 2e-3
+
+    sampling = config.sampling
+    sampling.method = "pc"
+    sampling.predictor = "reverse_diffusion"
+    sampling.corrector = "langevin"
+    sampling.snr = 0.16
+    sampling.eps = 1e-5
+
+    config.eval.begin_ckpt = config.eval.end_ckpt = 2
+    return config
