@@ -109,18 +109,6 @@ def no_predictor(rng, x, t, *, sde, score_fn, dt, probability_flow):
 
 
 # --- Correctors (SPEC §7). ---
-def langevin_alpha(sde, t):
-    """α of the Langevin corrector (SPEC §7): α_i = 1 - β_i of t's discrete level for the VP family, else 1.
-
-    The SDEs that carry DDPM's discrete `alphas` (VP and sub-VP, as in the score-SDE code) use them; a natural
-    home for this is a method on the SDE.
-    """
-    alphas = getattr(sde, "alphas", None)
-    if alphas is None:
-        return jnp.ones_like(t)
-    return jnp.asarray(alphas, t.dtype)[sde.level_index(t)]
-
-
 def _per_example_norm(v):
     return jnp.sqrt(jnp.sum(v.reshape(v.shape[0], -1) ** 2, axis=1))
 
@@ -144,14 +132,14 @@ def langevin_corrector(rng, x, t, *, sde, score_fn, snr):
     z_norm = jnp.mean(_per_example_norm(jax.random.normal(noise_rng, x.shape)))
     s_norm = jnp.mean(_per_example_norm(score))
     ratio = jnp.where(s_norm > 0, z_norm / jnp.where(s_norm > 0, s_norm, 1.0), 0.0)
-    step = 2.0 * langevin_alpha(sde, t) * (snr * ratio) ** 2
+    step = 2.0 * sde.langevin_alpha(t) * (snr * ratio) ** 2
     return _langevin_update(step_rng, x, score, step)
 
 
 @register_corrector(name="ald")
 def annealed_langevin_corrector(rng, x, t, *, sde, score_fn, snr):
     """Annealed Langevin as a corrector (SPEC §6, §7): ε = 2 α (r σ_t)², x ← x + ε s + sqrt(2ε) z."""
-    step = 2.0 * langevin_alpha(sde, t) * (snr * sde.marginal_std(t)) ** 2
+    step = 2.0 * sde.langevin_alpha(t) * (snr * sde.marginal_std(t)) ** 2
     return _langevin_update(rng, x, score_fn(x, t), step)
 
 

@@ -102,6 +102,10 @@ class SDE(abc.ABC):
         """(mean, std) of the ancestral sampling step x_{i-1} | x_i (DDPM / SMLD)."""
         raise NotImplementedError(f"{type(self).__name__} has no ancestral sampler")
 
+    def langevin_alpha(self, t):
+        """α of the Langevin corrector's step 2 α (r ||z|| / ||s||)² (SPEC §7): 1 unless the SDE has DDPM's α_i."""
+        return jnp.ones_like(t)
+
     def level_index(self, t):
         """The discrete level i ∈ {0..N-1} of time t (nearest grid point t_i = i T / (N-1))."""
         return jnp.clip(jnp.round(t * (self.N - 1) / self.T), 0, self.N - 1).astype(jnp.int32)
@@ -231,6 +235,10 @@ class VPSDE(SDE):
         beta = jnp.asarray(self.discrete_betas, x.dtype)[i]
         alpha = jnp.asarray(self.alphas, x.dtype)[i]
         return batch_mul(jnp.sqrt(alpha), x) - x, jnp.sqrt(beta)
+
+    def langevin_alpha(self, t):
+        """α_i = 1 - β_i of t's discrete level (the score-SDE convention for VP and sub-VP)."""
+        return jnp.asarray(self.alphas, t.dtype)[self.level_index(t)]
 
     def ancestral_step(self, x, t, score):
         """DDPM ancestral sampling: mean (x + β_i s) / sqrt(α_i), std sqrt(β_i)."""

@@ -66,7 +66,7 @@ get_timestep_embedding = sinusoidal_embedding
 def get_sigmas(config):
     """The NCSN noise levels σ_max > ... > σ_min, geometric, num_scales of them (SPEC §1, SMLD discretization)."""
     m = config.model
-    return jnp.exp(jnp.linspace(np.log(m.sigma_max), np.log(m.sigma_min), m.num_scales, dtype=jnp.float32))
+    return jnp.asarray(np.exp(np.linspace(np.log(m.sigma_max), np.log(m.sigma_min), m.num_scales)), jnp.float32)
 
 
 ACTIVATIONS = {

@@ -20,28 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_ACTIVATIONS = {
-    "elu": nn.elu,
-    "relu": nn.relu,
-    "lrelu": lambda x: nn.leaky_relu(x, negative_slope=0.2),
-    "swish": nn.swish,
-}
-
-
-def get_act(config):
-    """The activation named by config.model.nonlinearity (elu | relu | lrelu | swish)."""
-    name = config.model.nonlinearity.lower()
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"unknown nonlinearity {name!r}; set config.model.nonlinearity to one of "
-                         f"{sorted(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]
-
-
-def get_sigmas(config):
-    """σ_i = exp(linspace(log σ_max, log σ_min, N)): the NCSN levels, decreasing, index 0 = σ_max (SPEC §1)."""
-    m = config.model
-    return jnp.asarray(np.exp(np.linspace(np.log(m.sigma_max), np.log(m.sigma_min), m.num_scales)), jnp.float32)
-
+from models.layers import get_act, get_sigmas  # noqa: F401  (re-exported for the RefineNet models)
 
 # --- Convolutions with PyTorch's default initialization (as in NCSN / NCSNv2). ---
 

@@ -16,7 +16,8 @@ import pytest
 import sde_lib
 from models import get_model, ncsn, ncsnv2  # noqa: F401  (registers "ncsn", "ncsnv2_64/128/256")
 from models.normalization import ConditionalInstanceNorm2dPlus, InstanceNorm2dPlus
-from models.refinenet_layers import get_sigmas, resize_bilinear_align_corners
+from models.layers import get_sigmas
+from models.refinenet_layers import resize_bilinear_align_corners
 
 
 def make_config(name, nf, image_size, channels=3, num_scales=10, sigma_max=1.0, scale_by_sigma=None,

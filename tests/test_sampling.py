@@ -188,9 +188,9 @@ def test_get_sampling_fn_reads_the_config():
 def test_langevin_alpha_is_ddpm_alpha_for_vp_and_one_for_ve():
     """α_i = 1 - β_i with β_{N-1} = β_max / N at t = T (SPEC §1 DDPM discretization); α = 1 for VE."""
     t = jnp.array([1.0, 0.0])
-    np.testing.assert_allclose(sampling.langevin_alpha(sde_lib.VPSDE(0.1, 20.0, N=1000), t),
+    np.testing.assert_allclose(sde_lib.VPSDE(0.1, 20.0, N=1000).langevin_alpha(t),
                                [1 - 20.0 / 1000, 1 - 0.1 / 1000], rtol=1e-6)
-    np.testing.assert_allclose(sampling.langevin_alpha(VE, t), [1.0, 1.0])
+    np.testing.assert_allclose(VE.langevin_alpha(t), [1.0, 1.0])
 
 
 def _scaled_score(scale, x, t):
