@@ -18,8 +18,9 @@ from typing import Callable
 import diffrax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from sde_lib import as_pytree, batch_mul, check_eps
+from sde_lib import VESDE, VPSDE, as_pytree, batch_mul, check_eps, subVPSDE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,30 +204,143 @@ def euler_sample(rng, sde, score_fn, shape, denoise=True, eps=1e-3):
                      eps=eps)
 
 
-# Adaptive Runge-Kutta solvers and their new score evaluations per attempted step: both have 7 stages whose last
-# one is reused as the next step's first (FSAL), so a solve costs 6 × num_steps + 1 (the first stage at T).
-# diffrax picks its own first step without evaluating the vector field when integrating backwards in time.
-_ODE_SOLVERS = {"tsit5": (diffrax.Tsit5, 6), "dopri5": (diffrax.Dopri5, 6)}
+# --- The probability-flow ODE (SPEC §2, §7): solvers, time grids, one diffrax solve. ---
+@dataclasses.dataclass(frozen=True)
+class OdeSolver:
+    """A diffrax solver for the probability-flow ODE; a solve costs initial + per_step × num_steps evaluations.
+
+    adaptive: step size from a PIDController (rtol, atol); otherwise fixed steps on a time grid (`time_grid`).
+    """
+
+    solver: type
+    per_step: int
+    initial: int
+    adaptive: bool
 
 
-def _ode_solver(name):
-    if name not in _ODE_SOLVERS:
-        raise ValueError(f"unknown ODE solver {name!r}; choose one of {sorted(_ODE_SOLVERS)}")
-    return _ODE_SOLVERS[name]
+_ODE_SOLVERS = {}
+
+
+def register_ode_solver(name, solver, *, per_step, initial, adaptive):
+    """Registers a diffrax solver class under `name` with its score evaluations per step and before the first."""
+    if name in _ODE_SOLVERS:
+        raise ValueError(f"an ODE solver named {name!r} is already registered")
+    _ODE_SOLVERS[name] = OdeSolver(solver, per_step, initial, adaptive)
+
+
+def get_ode_solver(name):
+    return _lookup(_ODE_SOLVERS, "ODE solver", name)
+
+
+# Counts read from diffrax 0.7 and checked by counting calls (tests/test_sampling.py). Fixed steps: Euler 1 stage;
+# Heun (trapezoidal predictor-corrector) and the explicit midpoint rule 2 stages each, not first-same-as-last
+# (Heun's last stage is at (t + h, x + h k1), not at the new point), so 2 per step and 2N in all (EDM's 2N - 1
+# skips the correction of a last step that ends at σ = 0; these grids end at eps > 0). Adaptive: Tsit5 and Dopri5
+# have 7 stages whose last is reused as the next step's first (FSAL): 6 per attempted step, accepted or rejected,
+# + 1 for the first stage at T; diffrax picks its first step size without evaluating the field when integrating
+# backwards in time.
+register_ode_solver("euler", diffrax.Euler, per_step=1, initial=0, adaptive=False)
+register_ode_solver("heun", diffrax.Heun, per_step=2, initial=0, adaptive=False)
+register_ode_solver("midpoint", diffrax.Midpoint, per_step=2, initial=0, adaptive=False)
+register_ode_solver("tsit5", diffrax.Tsit5, per_step=6, initial=1, adaptive=True)
+register_ode_solver("dopri5", diffrax.Dopri5, per_step=6, initial=1, adaptive=True)
+
+
+def noise_to_signal(sde, t):
+    """σ̃(t) = σ_t / m(t), EDM's σ (Karras et al. 2022): x_t / m(t) = x_0 + σ̃(t) z. Increasing in t."""
+    return sde.marginal_std(t) / sde.mean_coef(t)
+
+
+def _ve_noise_to_signal_inverse(sde, sigma):
+    """VE: σ̃ = σ_min (σ_max/σ_min)^t  ⇒  t = log(σ̃/σ_min) / log(σ_max/σ_min)."""
+    return jnp.log(sigma / sde.sigma_min) / sde.log_ratio
+
+
+def _vp_noise_to_signal_inverse(sde, sigma):
+    """VP: σ̃² = (1 - e^{-B}) / e^{-B} = e^B - 1  ⇒  B = log(1 + σ̃²), t = B⁻¹(B) (a quadratic, SPEC §1)."""
+    return sde._integrated_beta_inverse(jnp.log1p(sigma**2))
+
+
+def _subvp_noise_to_signal_inverse(sde, sigma):
+    """sub-VP: σ̃ = (1 - e^{-B}) e^{B/2} = 2 sinh(B/2)  ⇒  B = 2 arcsinh(σ̃/2), t = B⁻¹(B)."""
+    return sde._integrated_beta_inverse(2.0 * jnp.arcsinh(0.5 * sigma))
+
+
+def _bisection_noise_to_signal_inverse(sde, sigma, iterations=40):
+    """Any SDE whose σ̃(t) increases on [0, T]: bisection on [0, T] (40 halvings: 1e-12 T, below float32's ulp)."""
+    def halve(_, bracket):
+        lo, hi = bracket
+        mid = 0.5 * (lo + hi)
+        below = noise_to_signal(sde, mid) < sigma
+        return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, iterations, halve, (jnp.zeros_like(sigma), jnp.full_like(sigma, sde.T)))
+    return 0.5 * (lo + hi)
+
+
+# Closed-form inverses of σ̃(t) by exact SDE class: a subclass may change the schedules (sub-VP is a VPSDE with its
+# own σ_t), so it gets the bisection unless it registers its own.
+_NOISE_TO_SIGNAL_INVERSES = {VESDE: _ve_noise_to_signal_inverse, VPSDE: _vp_noise_to_signal_inverse,
+                             subVPSDE: _subvp_noise_to_signal_inverse}
+
+
+def noise_to_signal_inverse(sde, sigma):
+    """The t with σ̃(t) = sigma: closed form for VE / VP / sub-VP, bisection for any other SDE."""
+    inverse = _NOISE_TO_SIGNAL_INVERSES.get(type(sde), _bisection_noise_to_signal_inverse)
+    return inverse(sde, jnp.asarray(sigma, jnp.float32))
+
+
+def edm_sigmas(sigma_min, sigma_max, n, rho=7.0):
+    """Karras et al. (2022), eq. 5: σ_i = (σ_max^{1/ρ} + i/(n-1) (σ_min^{1/ρ} - σ_max^{1/ρ}))^ρ, i = 0..n-1."""
+    frac = jnp.arange(n, dtype=jnp.float32) / (n - 1)
+    inv_rho = 1.0 / rho
+    return (sigma_max**inv_rho + frac * (sigma_min**inv_rho - sigma_max**inv_rho)) ** rho
+
+
+def _uniform_times(sde, n_steps, eps, rho):
+    """n_steps equal steps in t from T to eps."""
+    del rho
+    return jnp.linspace(sde.T, eps, n_steps + 1)
+
+
+def _edm_times(sde, n_steps, eps, rho):
+    """EDM's schedule: edm_sigmas between σ̃(eps) and σ̃(T), mapped back to t; the end points are exactly T, eps."""
+    sigmas = edm_sigmas(noise_to_signal(sde, eps), noise_to_signal(sde, jnp.float32(sde.T)), n_steps + 1, rho)
+    t = noise_to_signal_inverse(sde, sigmas)
+    return t.at[0].set(sde.T).at[-1].set(eps)
+
+
+_TIME_SCHEDULES = {"uniform": _uniform_times, "edm": _edm_times}
+
+
+def time_grid(sde, n_steps, eps=1e-3, schedule="uniform", rho=7.0):
+    """The n_steps + 1 decreasing times T = t_0 > ... > t_n = eps of a fixed-step ODE solve.
+
+    schedule: "uniform" in t, or "edm" (Karras et al. 2022, ρ = rho): EDM's σ is the noise-to-signal ratio
+    σ̃(t) = σ_t / m(t) (`noise_to_signal`), spaced by `edm_sigmas` and mapped back by `noise_to_signal_inverse`.
+    """
+    check_eps(eps, sde.T)
+    times = _lookup(_TIME_SCHEDULES, "time schedule", schedule)
+    if int(n_steps) < 1:
+        raise ValueError(f"n_steps (fixed ODE steps) must be >= 1, got {n_steps}")
+    return times(sde, int(n_steps), jnp.float32(eps), jnp.float32(rho))
 
 
 @functools.partial(jax.jit, static_argnames=("sde", "shape", "solver", "rtol", "atol", "denoise", "max_steps"))
-def _ode_sample(rng, score_fn, eps, *, sde, shape, solver, rtol, atol, denoise, max_steps):
-    solver_cls, evals_per_step = _ode_solver(solver)
+def _ode_sample(rng, score_fn, eps, ts, *, sde, shape, solver, rtol, atol, denoise, max_steps):
+    spec = get_ode_solver(solver)
     rsde = sde.reverse(score_fn, probability_flow=True)
 
     def vector_field(t, x, args):
         return rsde.sde(x, _batch_time(t, shape))[0]
 
-    sol = diffrax.diffeqsolve(diffrax.ODETerm(vector_field), solver_cls(), t0=sde.T, t1=eps, dt0=None,
-                              y0=sde.prior_sampling(rng, shape),
-                              stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=max_steps)
-    x, nfe = sol.ys[-1], evals_per_step * sol.stats["num_steps"] + 1
+    if spec.adaptive:
+        t0, t1, controller = sde.T, eps, diffrax.PIDController(rtol=rtol, atol=atol)
+    else:
+        t0, t1, controller = ts[0], ts[-1], diffrax.StepTo(ts)
+    sol = diffrax.diffeqsolve(diffrax.ODETerm(vector_field), spec.solver(), t0=t0, t1=t1, dt0=None,
+                              y0=sde.prior_sampling(rng, shape), stepsize_controller=controller, max_steps=max_steps)
+    x, nfe = sol.ys[-1], spec.initial + spec.per_step * sol.stats["num_steps"]
     if denoise:
         x = _reverse_diffusion_mean(sde, score_fn, x, _batch_time(eps, shape))[0]
         nfe = nfe + 1
@@ -234,18 +348,24 @@ def _ode_sample(rng, score_fn, eps, *, sde, shape, solver, rtol, atol, denoise, 
 
 
 def ode_sample(rng, sde, score_fn, shape, solver="tsit5", rtol=1e-5, atol=1e-5, eps=1e-3, denoise=False,
-               max_steps=4096):
-    """Integrates the probability-flow ODE (SPEC §2) from x_T ~ prior at T to eps with an adaptive solver (SPEC §7).
+               max_steps=4096, n_steps=30, schedule="uniform", rho=7.0):
+    """Integrates the probability-flow ODE (SPEC §2) from x_T ~ prior at T to eps (SPEC §7) in one diffrax solve.
 
-    One diffrax solve for the whole batch (the step size is controlled on the RMS error over the batch). With
-    denoise, one reverse-diffusion step without noise at t = eps follows (x + σ² s for VE, as in score-SDE).
-    Returns (x [shape], nfe) with nfe the exact number of score evaluations: 6 per attempted step (accepted or
-    rejected) + 1, + 1 for the denoising step. Deterministic given rng (which only draws x_T).
+    solver: adaptive "tsit5" | "dopri5" (rtol, atol; the step size is controlled on the RMS error over the batch;
+    max_steps caps the attempts), or fixed-step "euler" | "heun" | "midpoint" with n_steps steps on
+    `time_grid(sde, n_steps, eps, schedule, rho)`. Options of the other kind are ignored. With denoise, one
+    reverse-diffusion step without noise at t = eps follows (x + σ² s for VE, as in score-SDE).
+    Returns (x [shape], nfe), nfe the exact number of score evaluations: Euler n_steps, Heun and midpoint
+    2 n_steps, Tsit5 / Dopri5 6 per attempted step + 1; + 1 for denoise. Deterministic given rng (only x_T is drawn).
+    The time grid enters the compiled solve as an array: schedules and ρ of the same n_steps share one compilation.
     """
     check_eps(eps, sde.T)
-    _ode_solver(solver)
-    x, nfe = _ode_sample(rng, as_pytree(score_fn), jnp.float32(eps), sde=sde, shape=tuple(shape), solver=solver,
-                         rtol=float(rtol), atol=float(atol), denoise=bool(denoise), max_steps=int(max_steps))
+    if get_ode_solver(solver).adaptive:
+        ts, static = None, dict(rtol=float(rtol), atol=float(atol), max_steps=int(max_steps))
+    else:
+        ts, static = time_grid(sde, n_steps, eps, schedule, rho), dict(rtol=None, atol=None, max_steps=int(n_steps))
+    x, nfe = _ode_sample(rng, as_pytree(score_fn), jnp.float32(eps), ts, sde=sde, shape=tuple(shape), solver=solver,
+                         denoise=bool(denoise), **static)
     return x, int(nfe)
 
 
@@ -324,7 +444,9 @@ _CONFIG_OPTIONS = {
                          probability_flow=s.get("probability_flow", False), denoise=s.noise_removal, eps=s.eps),
     "euler": lambda s: dict(denoise=s.noise_removal, eps=s.eps),
     "ode": lambda s: dict(solver=s.get("ode_solver", "tsit5"), rtol=s.get("ode_rtol", 1e-5),
-                          atol=s.get("ode_atol", 1e-5), eps=s.eps, denoise=s.noise_removal),
+                          atol=s.get("ode_atol", 1e-5), n_steps=s.get("ode_steps", 30),
+                          schedule=s.get("ode_schedule", "uniform"), rho=s.get("ode_rho", 7.0), eps=s.eps,
+                          denoise=s.noise_removal),
     "ald": lambda s: dict(step_lr=s.get("step_lr", 2e-5), n_steps_each=s.n_steps_each, denoise=s.noise_removal,
                           init=s.get("ald_init", "prior")),
 }
@@ -333,10 +455,151 @@ _CONFIG_OPTIONS = {
 def get_sampling_fn(config, sde, shape):
     """fn(rng, score_fn) -> (x, nfe) for config.sampling.method with its options from config.sampling.
 
-    Optional fields: probability_flow (pc), ode_solver / ode_rtol / ode_atol (ode), step_lr / ald_init (ald).
+    Optional fields: probability_flow (pc); ode_solver, ode_rtol / ode_atol (adaptive solvers), ode_steps /
+    ode_schedule / ode_rho (fixed-step solvers) (ode); step_lr / ald_init (ald).
     """
     method = config.sampling.method
     sampler = get_method(method)
     options = _CONFIG_OPTIONS[method](config.sampling)
     shape = tuple(shape)
     return lambda rng, score_fn: sampler(rng, sde, score_fn, shape, **options)
+
+
+# --- Controllable generation (score-SDE paper, Song et al. 2021, Appendix I; SPEC §7). ---
+# The paper's orthogonal colour transform: its first column is the unit grey axis (1, 1, 1)/√3, so the first
+# decorrelated coordinate of an RGB pixel is √3 × its grey level (the mean of R, G, B) and the other two, the unit
+# vectors (-2, 1, 1)/√6 and (0, 1, -1)/√2 orthogonal to it, carry the colour. x ↦ x M on the channel axis; M⁻¹ = Mᵀ.
+COLOR_DECORRELATION = np.array([[1.0 / np.sqrt(3.0), -2.0 / np.sqrt(6.0), 0.0],
+                                [1.0 / np.sqrt(3.0), 1.0 / np.sqrt(6.0), 1.0 / np.sqrt(2.0)],
+                                [1.0 / np.sqrt(3.0), 1.0 / np.sqrt(6.0), -1.0 / np.sqrt(2.0)]], np.float32)
+
+
+def _to_latent(x, transform):
+    return jnp.einsum("...i,ij->...j", x, transform)
+
+
+def _from_latent(z, transform):
+    return jnp.einsum("...j,ij->...i", z, transform)
+
+
+@functools.partial(jax.jit, static_argnames=("sde", "predictor", "corrector", "n_steps", "probability_flow",
+                                             "denoise"))
+def _pc_inpaint(rng, score_fn, data, mask, transform, snr, eps, *, sde, predictor, corrector, n_steps,
+                probability_flow, denoise):
+    predict, correct = get_predictor(predictor).fn, get_corrector(corrector).fn
+    timesteps = jnp.linspace(sde.T, eps, sde.N)
+    dt = -(sde.T - eps) / sde.N
+    known = _to_latent(data, transform)
+
+    def impose(rng, x, t):
+        """The known latent coordinates ← a sample of p_0t(· | known) at t; the others kept."""
+        mean, std = sde.marginal_prob(known, t)
+        noisy = mean + batch_mul(std, jax.random.normal(rng, known.shape))
+        return _from_latent(jnp.where(mask, noisy, _to_latent(x, transform)), transform)
+
+    def step(i, carry):
+        step_rng, x, _ = carry
+        step_rng, c_rng, p_rng, impose_rng = jax.random.split(step_rng, 4)
+        t = _batch_time(timesteps[i], data.shape)
+
+        def correct_once(j, x):
+            j_rng, j_impose_rng = jax.random.split(jax.random.fold_in(c_rng, j))
+            return impose(j_impose_rng, correct(j_rng, x, t, sde=sde, score_fn=score_fn, snr=snr)[0], t)
+
+        x = jax.lax.fori_loop(0, n_steps, correct_once, x)
+        x, x_mean = predict(p_rng, x, t, sde=sde, score_fn=score_fn, dt=dt, probability_flow=probability_flow)
+        t_next = _batch_time(timesteps[jnp.minimum(i + 1, sde.N - 1)], data.shape)
+        return step_rng, impose(impose_rng, x, t_next), x_mean
+
+    init_rng, impose_rng, loop_rng = jax.random.split(rng, 3)
+    x = impose(impose_rng, sde.prior_sampling(init_rng, data.shape), _batch_time(sde.T, data.shape))
+    _, x, x_mean = jax.lax.fori_loop(0, sde.N, step, (loop_rng, x, x))
+    x = x_mean if denoise else x
+    return _from_latent(jnp.where(mask, known, _to_latent(x, transform)), transform)
+
+
+def _check_inpainting_inputs(data, mask, transform):
+    channels = data.shape[-1]
+    if transform.shape != (channels, channels):
+        raise ValueError(f"transform must be a {channels}x{channels} matrix acting on the last axis of data "
+                         f"{data.shape}, got shape {transform.shape}")
+    if not np.allclose(transform @ transform.T, np.eye(channels), atol=1e-5):
+        raise ValueError("transform must be orthogonal (M Mᵀ = I), so that the forward SDE's isotropic noise stays "
+                         "isotropic in its coordinates; orthonormalize it, e.g. with np.linalg.qr")
+    try:
+        broadcast = np.broadcast_shapes(mask.shape, data.shape)
+    except ValueError:
+        broadcast = None
+    if broadcast != data.shape:
+        raise ValueError(f"mask {mask.shape} must broadcast to the data's shape {data.shape}")
+
+
+def inpaint(rng, sde, score_fn, data, mask, transform=None, predictor="reverse_diffusion", corrector="langevin",
+            snr=0.16, n_steps=1, probability_flow=False, denoise=True, eps=1e-3):
+    """PC sampling of the unknown part of `data` given its known part (score-SDE paper, Appendix I; SPEC §7).
+
+    mask (broadcastable to data, True / 1 = known) selects coordinates of the latent z = data M, M = transform
+    (orthogonal, acting on the last axis; None: the identity, i.e. plain inpainting of data's own coordinates).
+    The PC loop of `pc_sample` runs on the whole x; after every corrector step at t_i and every predictor step
+    (which brings x from t_i to t_{i+1}) the known latent coordinates are replaced by a fresh sample of
+    p_0t(· | known) = N(m(t) z_known, σ_t² I) at the time x has then reached (score-SDE's code uses t_i for both);
+    x starts from the prior with its known part diffused to T, and the result carries the known part exactly.
+    This replacement conditions the score on a noisy copy of the known part, not on the known part itself: it is
+    the paper's approximation p_t(x_unknown | known) ≈ p_t(x_unknown | noisy known), not exact at finite N.
+    Returns (x [data.shape], nfe) with nfe as for `pc_sample`.
+    """
+    check_eps(eps, sde.T)
+    data = jnp.asarray(data, jnp.float32)
+    transform = np.eye(data.shape[-1], dtype=np.float32) if transform is None else np.asarray(transform, np.float32)
+    mask = np.asarray(mask)
+    _check_inpainting_inputs(data, mask, transform)
+    p, c = get_predictor(predictor), get_corrector(corrector)
+    if int(n_steps) < 0:
+        raise ValueError(f"n_steps (corrector steps per time step) must be >= 0, got {n_steps}")
+    x = _pc_inpaint(rng, as_pytree(score_fn), data, jnp.asarray(mask, bool), jnp.asarray(transform),
+                    jnp.float32(snr), jnp.float32(eps), sde=sde, predictor=predictor, corrector=corrector,
+                    n_steps=int(n_steps), probability_flow=bool(probability_flow), denoise=bool(denoise))
+    return x, sde.N * (p.nfe + int(n_steps) * c.nfe)
+
+
+def grey_projection(x, transform=COLOR_DECORRELATION):
+    """x with all but its first latent coordinate (x M)[..., 0] set to 0: for RGB, the grey image R = G = B = mean."""
+    transform = jnp.asarray(transform, jnp.float32)
+    z = _to_latent(jnp.asarray(x, jnp.float32), transform)
+    return _from_latent(z.at[..., 1:].set(0.0), transform)
+
+
+def colorize(rng, sde, score_fn, grey, transform=COLOR_DECORRELATION, **options):
+    """Colorization (score-SDE paper, Appendix I): `inpaint` with the first latent coordinate of grey M known.
+
+    grey [..., C]: e.g. `grey_projection(images)`, the grey image in all C = 3 channels; only its first latent
+    coordinate is used. transform: the paper's COLOR_DECORRELATION, or any orthogonal C×C matrix whose first column
+    spans the observed direction. options: those of `inpaint`. Returns (x, nfe).
+    """
+    channels = np.shape(grey)[-1]
+    mask = np.arange(channels) == 0
+    return inpaint(rng, sde, score_fn, grey, mask, transform=transform, **options)
+
+
+def _conditional_score(score_fn, classifier_grad_fn, y, scale, x, t):
+    return score_fn(x, t) + scale * classifier_grad_fn(x, t, y)
+
+
+def conditional_score_fn(score_fn, classifier_grad_fn, y, scale=1.0):
+    """The score of p_t(x | y): s(x, t) + scale ∇x log p_t(y | x) (Bayes; score-SDE paper, Appendix I).
+
+    classifier_grad_fn(x, t, y) -> ∇x log p_t(y | x) [B, ...], from a time-dependent classifier (see
+    `classifier_grad_fn`); y [B] the wanted labels, one per example of the batch to be sampled. scale = 1 is exact
+    conditioning; scale > 1 sharpens it (classifier guidance). The result is a score function for any sampler.
+    """
+    return jax.tree_util.Partial(_conditional_score, as_pytree(score_fn), as_pytree(classifier_grad_fn),
+                                 jnp.asarray(y), jnp.float32(scale))
+
+
+def _classifier_grad(log_prob_fn, x, t, y):
+    return jax.grad(lambda x: jnp.sum(log_prob_fn(x, t, y)))(x)
+
+
+def classifier_grad_fn(log_prob_fn):
+    """(x, t, y) -> ∇x log p_t(y | x) by autodiff of a classifier's log_prob_fn(x, t, y) -> log p_t(y | x) [B]."""
+    return jax.tree_util.Partial(_classifier_grad, as_pytree(log_prob_fn))

@@ -117,6 +117,11 @@ SAMPLERS = {
     "ve-pc-langevin": (VE, dict(method="pc", predictor="reverse_diffusion", corrector="langevin")),  # 1.8
     "ve-ancestral": (VE, dict(method="pc", predictor="ancestral", corrector="none")),  # 1.7
     "ve-ode": (VE, dict(method="ode")),  # 1.7
+    # Fixed-step probability-flow ODE solvers at 30 steps (60 score evaluations). VE on a grid uniform in t reaches
+    # |z| = 3.7 (its steps crowd where σ is large; a bias of the grid, not noise), so VE runs on EDM's grid.
+    "vp-ode-heun-edm": (VP, dict(method="ode", solver="heun", n_steps=30, schedule="edm")),  # 2.1
+    "vp-ode-midpoint-uniform": (VP, dict(method="ode", solver="midpoint", n_steps=30)),  # 2.1
+    "ve-ode-heun-edm": (VE, dict(method="ode", solver="heun", n_steps=30, schedule="edm")),  # 2.9
 }
 
 
@@ -171,7 +176,8 @@ def test_ode_nfe_is_small_and_the_map_is_deterministic():
 
 
 def test_get_sampling_fn_reads_the_config():
-    """The config's fields reach the sampler: the same samples as the direct call with those options."""
+    """The config's fields reach the sampler: the same samples as the direct call with those options (PC; adaptive
+    ODE with ode_rtol / ode_atol; fixed-step ODE with ode_solver / ode_steps / ode_schedule / ode_rho)."""
     config = default_toy_configs.get_default_configs()
     config.sampling.update(method="pc", predictor="none", corrector="ald", n_steps_each=3, snr=0.2)
     x, nfe = sampling.get_sampling_fn(config, ALD_VE, (8, 2))(jax.random.PRNGKey(0), SCORES[ALD_VE])
@@ -183,6 +189,12 @@ def test_get_sampling_fn_reads_the_config():
     want, want_nfe = sample_counted(VP, (500, 2), rng=2, **ODE_FAST)
     np.testing.assert_array_equal(x, want)
     assert nfe == want_nfe
+    config.sampling.update(ode_solver="heun", ode_steps=7, ode_schedule="edm", ode_rho=5.0)
+    x, nfe = sampling.get_sampling_fn(config, VP, (8, 2))(jax.random.PRNGKey(2), SCORES[VP])
+    want, want_nfe = sample_counted(VP, (8, 2), rng=2, method="ode", solver="heun", n_steps=7, schedule="edm",
+                                    rho=5.0, denoise=True)
+    np.testing.assert_array_equal(x, want)
+    assert nfe == want_nfe == 2 * 7 + 1
 
 
 def test_langevin_alpha_is_ddpm_alpha_for_vp_and_one_for_ve():
@@ -207,11 +219,69 @@ def test_partial_score_fn_reuses_the_compiled_sampler():
     assert not np.allclose(xs[0], xs[1])
 
 
+# --- Fixed-step probability-flow ODE solvers: time grids and exact NFE. ---
+SCHEDULE_SDES = {"vp": VP, "subvp": SUBVP, "ve": sde_lib.VESDE(sigma_min=0.01, sigma_max=50.0, N=1000)}
+
+
+def test_edm_sigmas_follow_the_karras_formula():
+    """σ_i = (σ_max^{1/ρ} + i/(N-1) (σ_min^{1/ρ} - σ_max^{1/ρ}))^ρ at EDM's σ ∈ [0.002, 80], N = 18, ρ = 7, computed
+    here in float64. Tolerance: float32 rounding, amplified ρ-fold by the power (< 1e-6 relative)."""
+    i = np.arange(18)
+    want = (80.0 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
+    np.testing.assert_allclose(sampling.edm_sigmas(0.002, 80.0, 18, 7.0), want, rtol=2e-6)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULE_SDES))
+def test_edm_time_grid_maps_back_to_t(name):
+    """The EDM grid's noise-to-signal ratios σ_t/m(t) are edm_sigmas between those of eps and T; its end points are
+    exactly T and eps; t → σ̃(t) → t is the identity. Tolerances: float32 rounding through exp / log / sqrt, which
+    for sub-VP's σ̃ ≈ B(t) ~ 1e-4 near eps reaches 2.3e-6 relative (4e-6 allowed; ≤ 2e-7 absolute in t)."""
+    sde, eps = SCHEDULE_SDES[name], 1e-3
+    ts = np.asarray(sampling.time_grid(sde, 20, eps, schedule="edm"))
+    assert ts[0] == sde.T and ts[-1] == np.float32(eps) and np.all(np.diff(ts) < 0)
+    ratio = lambda t: sampling.noise_to_signal(sde, jnp.float32(t))
+    want = sampling.edm_sigmas(ratio(eps), ratio(sde.T), 21, 7.0)
+    np.testing.assert_allclose(sampling.noise_to_signal(sde, jnp.asarray(ts)), want, rtol=4e-6)
+    t = jnp.linspace(eps, 1.0, 101)
+    np.testing.assert_allclose(sampling.noise_to_signal_inverse(sde, sampling.noise_to_signal(sde, t)), t,
+                               rtol=0, atol=1e-6)
+
+
+class UnregisteredVPSDE(sde_lib.VPSDE):
+    """A VPSDE subclass without a registered closed-form inverse: noise_to_signal_inverse bisects."""
+
+
+def test_bisection_inverse_matches_the_closed_form():
+    """The bisection fallback equals VP's closed form B⁻¹(log(1 + σ̃²)) within float32 resolution of t (1e-6)."""
+    sde = UnregisteredVPSDE()
+    sigma = sampling.noise_to_signal(VP, jnp.linspace(1e-3, 1.0, 101))
+    np.testing.assert_allclose(sampling.noise_to_signal_inverse(sde, sigma),
+                               sampling.noise_to_signal_inverse(VP, sigma), rtol=0, atol=1e-6)
+
+
+def test_uniform_time_grid_is_linspace():
+    np.testing.assert_allclose(sampling.time_grid(VE, 4, 1e-3), [1.0, 0.75025, 0.5005, 0.25075, 0.001], rtol=1e-6)
+
+
+@pytest.mark.parametrize("solver, per_step", [("euler", 1), ("heun", 2), ("midpoint", 2)])
+def test_fixed_step_ode_nfe(solver, per_step):
+    """N steps cost N (Euler) or 2N (Heun, midpoint: two stages, no first-same-as-last) score evaluations, counted
+    on the host by sample_counted; uniform and EDM grids of the same N share one compiled solve."""
+    before = sampling._ode_sample._cache_size()
+    for schedule in ("uniform", "edm"):
+        _, nfe = sample_counted(VP, (8, 2), method="ode", solver=solver, n_steps=7, schedule=schedule)
+        assert nfe == per_step * 7
+    assert sampling._ode_sample._cache_size() == before + 1
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(method="heun"), "unknown sampling method 'heun'; choose one of \\['ald', 'euler', 'ode', 'pc'\\]"),
     (dict(method="pc", predictor="leapfrog"), "unknown predictor 'leapfrog'; choose one of"),
     (dict(method="pc", corrector="hmc"), "unknown corrector 'hmc'; choose one of"),
-    (dict(method="ode", solver="rk4"), "unknown ODE solver 'rk4'; choose one of \\['dopri5', 'tsit5'\\]"),
+    (dict(method="ode", solver="rk4"),
+     "unknown ODE solver 'rk4'; choose one of \\['dopri5', 'euler', 'heun', 'midpoint', 'tsit5'\\]"),
+    (dict(method="ode", solver="heun", schedule="cosine"), "unknown time schedule 'cosine'; choose one of"),
+    (dict(method="ode", solver="euler", n_steps=0), "n_steps \\(fixed ODE steps\\) must be >= 1"),
     (dict(method="ald", init="gaussian"), "unknown ALD init 'gaussian'"),
     (dict(method="pc", predictor="ancestral", probability_flow=True), "use probability_flow=False"),
     (dict(method="pc", eps=0.0), "eps must lie in"),
