@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO_CONFIG ?= configs/toy/vp_gmm.py
+DEMO_CONFIG ?= configs/demo/mnist_ddpmpp.py
 DEMO_WORKDIR ?= runs/demo
 
 .PHONY: setup demo test test-fast clean
@@ -15,7 +15,13 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-demo: setup
+# The digit classifier behind the demo's classifier distances (configs/demo/mnist_ddpmpp.py), trained once.
+CLASSIFIER := runs/classifiers/mnist5k.msgpack
+
+$(CLASSIFIER): | setup
+	$(PY) scripts/train_digit_classifier.py --dataset=MNIST5K --steps=1500 --output=$@
+
+demo: setup $(if $(findstring configs/demo/,$(DEMO_CONFIG)),$(CLASSIFIER))
 	$(PY) main.py --config=$(DEMO_CONFIG) --workdir=$(DEMO_WORKDIR) --mode=train
 	$(PY) main.py --config=$(DEMO_CONFIG) --workdir=$(DEMO_WORKDIR) --mode=eval
 	$(PY) main.py --config=$(DEMO_CONFIG) --workdir=$(DEMO_WORKDIR) --mode=sample

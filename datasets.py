@@ -1,15 +1,24 @@
-"""Datasets: the Gaussian-mixture oracle (SPEC §9), 2-D toy densities and embedded image sets (no download).
+"""Datasets: the Gaussian-mixture oracle (SPEC §9), 2-D toy densities, embedded image sets (no download) and the
+image sets of tensorflow-datasets, read without TensorFlow once scripts/prepare_dataset.py has prepared them.
 
 `GaussianMixture` is closed under the forward SDEs: if p_0 = Σ_k π_k N(μ_k, Σ_k) then
 p_t = Σ_k π_k N(m(t) μ_k, m(t)² Σ_k + σ_t² I). So log p_t, its score and the exact NLL of any point are known
 in closed form, and every numerical path of the project can be checked against them without training.
 """
+import concurrent.futures
+import dataclasses
 import functools
+import glob
+import gzip
+import json
+import math
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 
 class GaussianMixture:
@@ -226,8 +235,14 @@ class ToyDataset:
         """This host's share of the batch of training step `step` (a numpy array)."""
         return np.asarray(self._sample(jax.random.fold_in(self._train_rng, step), self.host_batch_size))
 
+    def test_split(self, repeat=0):
+        """The held-out points (continuous data: the same for every repeat of an evaluation)."""
+        return self.test_data
 
-# --- Embedded image datasets: integer pixels shipped with installed packages, fixed train/test splits. ---
+
+# --- Image datasets. ImageDataset (below) serves integer images from any random-access source: `len(source)` and
+# `source[indices]` -> uint8 [n, H, W, C] for an integer index array. A numpy array is one (the embedded sets); a
+# TfdsSource reads a prepared tensorflow-datasets split record by record (the big sets). ---
 
 def _fixed_split(images, n_test):
     """(train, test) by a fixed permutation (seed 0), so every run and machine sees the same split."""
@@ -259,17 +274,207 @@ def _mnist5k():
     return (*_fixed_split(images, 500), 256)
 
 
-IMAGE_DATASETS = {"DIGITS": _digits, "MNIST5K": _mnist5k}
+# idx type codes (the third byte of the magic number) and their big-endian numpy types.
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path):
+    """The array stored in an idx file (the MNIST format; gzip-compressed when the name ends in .gz).
+
+    Layout: two zero bytes, a type code, the number of dimensions d; d big-endian uint32 sizes; the values,
+    big-endian, in row-major order.
+    """
+    path = os.fspath(path)
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_TYPES:
+        raise ValueError(f"{path} is not an idx file (its first bytes are {raw[:4].hex()})")
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", raw[3], offset=4))
+    dtype, offset = np.dtype(_IDX_TYPES[raw[2]]), 4 + 4 * raw[3]
+    if len(raw) != offset + math.prod(dims) * dtype.itemsize:
+        raise ValueError(f"{path} holds {len(raw) - offset} data bytes, its header announces {dims} of {dtype}")
+    return np.frombuffer(raw, dtype, offset=offset).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+# Where Debian's package dataset-fashion-mnist installs the original idx files.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def _fashion_mnist_debian():
+    """Fashion-MNIST (28x28 grey, 256 levels) of the Debian package dataset-fashion-mnist: the official split,
+    60,000 train / 10,000 test images, in file order."""
+    paths = [os.path.join(FASHION_MNIST_DIR, f"{split}-images-idx3-ubyte.gz") for split in ("train", "t10k")]
+    if not all(os.path.exists(path) for path in paths):
+        raise ValueError(f"dataset FASHION_MNIST_DEBIAN reads the idx files of {FASHION_MNIST_DIR}, which are "
+                         "missing: apt-get install dataset-fashion-mnist (Debian), or use dataset FASHION_MNIST "
+                         "(tensorflow-datasets)")
+    train, test = (read_idx(path)[..., None] for path in paths)
+    return train, test, 256
+
+
+# Embedded sets: the integer images ship with an installed package; (train, test, levels) in memory.
+IMAGE_DATASETS = {"DIGITS": _digits, "MNIST5K": _mnist5k, "FASHION_MNIST_DEBIAN": _fashion_mnist_debian}
+
+
+# --- Image sets of tensorflow-datasets, read without TensorFlow. scripts/prepare_dataset.py prepares a set once
+# in the array_record format (that step downloads, and needs TensorFlow); training reads records by index through
+# tfds.data_source, which decodes them with Pillow, and preprocesses each image with numpy and Pillow. Only the
+# test images are held in memory. Resized images are rounded to uint8, so every set keeps its 256 levels (the
+# score-SDE code resizes in float; its dequantization still treats the result as 8-bit). ---
+
+def center_crop(image, height, width):
+    """The central height x width window of image [H, W, C] (offsets rounded down)."""
+    top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
+    return image[top:top + height, left:left + width]
+
+
+def resize(image, height, width, resample=Image.Resampling.BILINEAR):
+    """uint8 image [H, W, C] resized with Pillow (antialiased when shrinking) and rounded to uint8."""
+    if image.shape[:2] == (height, width):
+        return image
+    channels = image.shape[2]
+    resized = Image.fromarray(image[..., 0] if channels == 1 else image).resize((width, height), resample)
+    return np.asarray(resized).reshape(height, width, channels)
+
+
+def resize_short_side(image, size):
+    """image with its shorter side resized to `size`, the aspect ratio kept (sides rounded half to even)."""
+    ratio = size / min(image.shape[:2])
+    return resize(image, round(image.shape[0] * ratio), round(image.shape[1] * ratio))
+
+
+def _resize_to(size):
+    return lambda image: resize(image, size, size)
+
+
+def _celeba(size):
+    """The score-SDE CelebA preprocessing: the central 140x140 window of the 218x178 images, resized to size."""
+    return lambda image: resize_short_side(center_crop(image, 140, 140), size)
+
+
+def _lsun(size):
+    """The score-SDE LSUN preprocessing: at size 128 the shorter side resized to 128, then the centre cropped;
+    at other sizes the central square cropped, then resized with a bicubic filter."""
+    if size == 128:
+        return lambda image: center_crop(resize_short_side(image, size), size, size)
+
+    def crop_resize(image):
+        side = min(image.shape[:2])
+        return resize(center_crop(image, side, side), size, size, Image.Resampling.BICUBIC)
+    return crop_resize
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsImageSet:
+    """A tensorflow-datasets image set: its tfds `name` ("{category}" is config.data.category), the split that
+    test_data is read from (the score-SDE code's evaluation split), its channels, and `preprocess(size)`: the
+    per-image map uint8 [h, w, C] -> [size, size, C] (default: resize)."""
+
+    name: str
+    test_split: str
+    channels: int
+    preprocess: Callable = _resize_to
+
+    def tfds_name(self, data):
+        if "{category}" not in self.name:
+            return self.name
+        if not data.get("category"):
+            raise ValueError(f"dataset {data.dataset} needs config.data.category, e.g. "
+                             "--config.data.category=church_outdoor (or bedroom)")
+        return self.name.format(category=data.category)
+
+
+TFDS_DATASETS = {
+    "CIFAR10": TfdsImageSet("cifar10", "test", 3),
+    "SVHN": TfdsImageSet("svhn_cropped", "test", 3),
+    "MNIST": TfdsImageSet("mnist", "test", 1),
+    "FASHION_MNIST": TfdsImageSet("fashion_mnist", "test", 1),
+    "CELEBA": TfdsImageSet("celeb_a", "validation", 3, _celeba),
+    "LSUN": TfdsImageSet("lsun/{category}", "validation", 3, _lsun),
+    "IMAGENET32": TfdsImageSet("downsampled_imagenet/32x32", "validation", 3),
+    "IMAGENET64": TfdsImageSet("downsampled_imagenet/64x64", "validation", 3),
+}
+
+# Sets that the score-SDE code reads from TFRecord files (config.data.tfrecords_path); not in tensorflow-datasets.
+UNSUPPORTED_DATASETS = ("CelebAHQ", "FFHQ")
+
+
+def tfds_data_dir(data):
+    """config.data.tfds_data_dir, or tfds's default when unset ($TFDS_DATA_DIR, else ~/tensorflow_datasets)."""
+    if data.get("tfds_data_dir"):
+        return os.path.expanduser(data.tfds_data_dir)
+    import tensorflow_datasets as tfds
+
+    return tfds.core.constants.get_default_data_dir()
+
+
+def check_prepared(dataset, tfds_name, data_dir):
+    """Raises ValueError, with the command that prepares it, unless data_dir holds tfds_name as array_record.
+
+    Looks only for data_dir/<tfds_name>/<version>/dataset_info.json, so a missing set fails at once and nothing
+    reaches for the network.
+    """
+    infos = [path for path in glob.glob(os.path.join(glob.escape(data_dir), tfds_name, "*", "dataset_info.json"))
+             if not os.path.basename(os.path.dirname(path)).startswith("incomplete.")]
+    command = f"python scripts/prepare_dataset.py --dataset={tfds_name} --data_dir={data_dir}"
+    if not infos:
+        raise ValueError(f"dataset {dataset} ({tfds_name} of tensorflow-datasets) is not prepared in {data_dir}; "
+                         f"prepare it once (this step downloads and needs TensorFlow, training does not): "
+                         f"{command}, or set config.data.tfds_data_dir to where it is prepared")
+    formats = set()
+    for path in infos:
+        with open(path) as f:
+            formats.add(json.load(f).get("fileFormat", "tfrecord"))
+    if "array_record" not in formats:
+        raise ValueError(f"dataset {dataset} is prepared in {data_dir} as {sorted(formats)}, but this reader needs "
+                         f"the random-access array_record format; prepare it again into an empty directory: "
+                         f"{command.replace(data_dir, '<new directory>')}")
+
+
+@functools.cache
+def _decode_pool():
+    """The threads that decode and preprocess images (Pillow releases the GIL while it works)."""
+    return concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="decode")
+
+
+class TfdsSource:
+    """Random access to a sequence of tfds records: `len()` and `source[indices]` -> uint8 [n, size, size, C],
+    each record's "image" preprocessed on the decode threads, in the order of `indices`. Nothing is cached."""
+
+    def __init__(self, records, preprocess):
+        self.records, self.preprocess = records, preprocess
+
+    @classmethod
+    def open(cls, tfds_name, split, data_dir, preprocess):
+        """The split of a prepared set (check_prepared first); never downloads."""
+        import tensorflow_datasets as tfds
+
+        return cls(tfds.data_source(tfds_name, split=split, data_dir=data_dir, download=False), preprocess)
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, indices):
+        load = lambda i: self.preprocess(np.asarray(self.records[int(i)]["image"], np.uint8))
+        return np.stack(list(_decode_pool().map(load, np.asarray(indices).reshape(-1))))
+
+
+# Test images dequantized per chunk, so that the float copy is the only big allocation.
+_TEST_CHUNK = 1024
+_REPEAT_STREAM = 0x7E57  # the dequantization draws of the test split's repeats
 
 
 class ImageDataset:
     """Integer images k ∈ {0..K-1} served as floats x = a·(k + u)/K + b in data_range (SPEC §4).
 
-    u = ½ (the bin centre) unless config.data.uniform_dequantization draws u ~ U[0, 1); data_range is (0, 1), or
-    (-1, 1) when config.data.centered. Batches follow a per-epoch permutation drawn from (seed, epoch), so
+    The data conventions of every image set: `levels` K (256 for 8-bit pixels), `data_range` (0, 1), or (-1, 1)
+    when config.data.centered, and u = ½ (the bin centre) unless config.data.uniform_dequantization draws
+    u ~ U[0, 1). `train` and `test` are random-access sources of uint8 [H, W, C] images (`len` and indexing by an
+    index array; a numpy array is one). Batches follow a per-epoch permutation drawn from (seed, epoch), so
     `train_batch(step)` is a pure function of (seed, step, host) like the toy datasets' (exact resume); random
-    horizontal flips (config.data.random_flip) and dequantization noise come from (seed, step). `test_data` is the
-    test split dequantized once with a fixed key: the input of the test NLL / bits/dim.
+    horizontal flips (config.data.random_flip) and dequantization noise come from (seed, step). `test_data` is
+    the first num_test test images (all when num_test <= 0) dequantized once with a fixed key: the input of the
+    test NLL / bits/dim.
     """
 
     density = None
@@ -279,16 +484,46 @@ class ImageDataset:
         self.data_range = (-1.0, 1.0) if data.centered else (0.0, 1.0)
         self.dequantize, self.flip = bool(data.uniform_dequantization), bool(data.random_flip)
         self.seed, self.host_batch_size = seed, batch_size // jax.process_count()
-        self.shape = train.shape[1:]
-        test = test[:num_test] if num_test > 0 else test
-        self.test_data = self.to_float(test, np.random.default_rng([seed, _DATA_STREAM]).uniform(size=test.shape))
+        self._test = test
+        self.test_levels = test[np.arange(min(num_test, len(test)) if num_test > 0 else len(test))]
+        self.test_data = self._dequantized([seed, _DATA_STREAM])
+        self.shape = self.test_data.shape[1:]
+        self._prefetch, self._pending = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batch"), None
 
     def to_float(self, k, u):
         low, high = self.data_range
         return ((high - low) * (k.astype(np.float32) + u) / self.levels + low).astype(np.float32)
 
+    def test_split(self, repeat=0):
+        """The held-out images as floats, dequantized with draw `repeat` of u ~ U[0, 1) (repeat 0: test_data): the
+        repeats of a bits/dim evaluation average over the dequantization noise."""
+        return self.test_data if repeat == 0 else self._dequantized([self.seed, _REPEAT_STREAM, repeat])
+
+    def reference_data(self):
+        """Every test image (not only the first num_test) at its bin centre, u = ½: the reference set that FID /
+        IS / KID compare samples with. Read when asked for."""
+        return self.to_float(self._test[np.arange(len(self._test))], 0.5)
+
+    def _dequantized(self, key):
+        k = self.test_levels
+        rng = np.random.default_rng(key)
+        x = np.empty(k.shape, np.float32)
+        for i in range(0, len(k), _TEST_CHUNK):
+            x[i:i + _TEST_CHUNK] = self.to_float(k[i:i + _TEST_CHUNK], rng.random(x[i:i + _TEST_CHUNK].shape,
+                                                                                  np.float32))
+        return x
+
     def train_batch(self, step):
-        """This host's share of the batch of training step `step` [B / hosts, H, W, C] (float32 numpy)."""
+        """This host's share of the batch of training step `step` [B / hosts, H, W, C] (float32 numpy).
+
+        The batch of step + 1 is computed on a background thread meanwhile; any step may be asked for next.
+        """
+        pending, self._pending = self._pending, None
+        batch = pending[1].result() if pending is not None and pending[0] == step else self._batch(step)
+        self._pending = (step + 1, self._prefetch.submit(self._batch, step + 1))
+        return batch
+
+    def _batch(self, step):
         n, b = len(self.train_levels), self.host_batch_size
         first = (step * jax.process_count() + jax.process_index()) * b
         pos = np.arange(first, first + b)
@@ -300,7 +535,7 @@ class ImageDataset:
         rng = np.random.default_rng([self.seed, _DATA_STREAM, step, jax.process_index()])
         if self.flip:
             k = np.where(rng.random(b)[:, None, None, None] < 0.5, k[:, :, ::-1], k)
-        u = rng.uniform(size=k.shape) if self.dequantize else 0.5
+        u = rng.random(k.shape, np.float32) if self.dequantize else 0.5
         return self.to_float(k, u)
 
     @functools.lru_cache(maxsize=4)
@@ -318,7 +553,7 @@ def _toy_dataset(config):
     return dataset
 
 
-def _image_dataset(config):
+def _embedded_dataset(config):
     data = config.data
     train, test, levels = IMAGE_DATASETS[data.dataset]()
     size, channels = train.shape[1], train.shape[3]
@@ -328,13 +563,41 @@ def _image_dataset(config):
     return ImageDataset(train, test, levels, data, config.seed, config.training.batch_size, config.eval.num_test)
 
 
-_BUILDERS = {**{name: _toy_dataset for name in TOY_DATASETS}, **{name: _image_dataset for name in IMAGE_DATASETS}}
+def _tfds_dataset(config):
+    data = config.data
+    spec = TFDS_DATASETS[data.dataset]
+    if data.num_channels != spec.channels:
+        raise ValueError(f"dataset {data.dataset} has {spec.channels} channel(s); "
+                         f"set config.data.num_channels = {spec.channels}")
+    name, data_dir = spec.tfds_name(data), tfds_data_dir(data)
+    check_prepared(data.dataset, name, data_dir)
+    preprocess = spec.preprocess(data.image_size)
+    train, test = (TfdsSource.open(name, split, data_dir, preprocess) for split in ("train", spec.test_split))
+    return ImageDataset(train, test, 256, data, config.seed, config.training.batch_size, config.eval.num_test)
+
+
+def _unsupported_dataset(config):
+    raise ValueError(f"dataset {config.data.dataset} is not supported by this reader yet: it is not in "
+                     "tensorflow-datasets, and the score-SDE code reads it from TFRecord files "
+                     "(config.data.tfrecords_path) with TensorFlow at train time. Write a tensorflow-datasets "
+                     "builder for its images, prepare it as array_record (builder.download_and_prepare("
+                     "file_format='array_record')) and add a TfdsImageSet for it to datasets.TFDS_DATASETS, or "
+                     f"train on one of {sorted(TFDS_DATASETS)}")
+
+
+# Each registry of dataset names with the function that builds its datasets from the config; looked up on every
+# call, so an entry added to a registry (e.g. a TfdsImageSet in TFDS_DATASETS) is a dataset at once.
+_KINDS = ((TOY_DATASETS, _toy_dataset), (IMAGE_DATASETS, _embedded_dataset), (TFDS_DATASETS, _tfds_dataset),
+          (UNSUPPORTED_DATASETS, _unsupported_dataset))
 
 
 def get_dataset(config):
-    """The dataset named by config.data.dataset (a toy density or an embedded image set), batched by
-    config.training.batch_size: `train_batch(step)`, `test_data`, `shape`, `data_range`, `levels`, `density`."""
+    """The dataset named by config.data.dataset (a toy density, an embedded image set or a tensorflow-datasets
+    image set), batched by config.training.batch_size: `train_batch(step)`, `test_data`, `shape`, `data_range`,
+    `levels`, `density`."""
     name = config.data.dataset
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown dataset {name!r}; set config.data.dataset to one of {sorted(_BUILDERS)}")
-    return _BUILDERS[name](config)
+    for registry, build in _KINDS:
+        if name in registry:
+            return build(config)
+    known = sorted(known for registry, _ in _KINDS[:-1] for known in registry)
+    raise ValueError(f"unknown dataset {name!r}; set config.data.dataset to one of {known}")

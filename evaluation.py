@@ -4,11 +4,20 @@ The metrics are pure functions of a score function `score_fn(x, t)` (x [B, ...],
 per example [B]: the score Fokker-Planck residual (SPEC §5) and the conservativity of the Jacobian (SPEC §5).
 Evaluators wrap them for a training run: `run(rng, score_fn, data)` takes an iterable of data batches x_0
 [B, ...] (a list of arrays will do) and yields (name, value) pairs that the loop logs as they are.
+The last section holds the sample-quality metrics of SPEC §8 (FID, IS, KID and their digit-classifier versions)
+and their evaluator.
 """
+import dataclasses
+import os
+from typing import Callable, Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from scipy import special
 
+from models import digit_classifier, inception
 from sde_lib import batch_mul, check_eps
 
 # --- Probes (Hutchinson, conservativity). ---
@@ -210,3 +219,373 @@ EVALUATORS = {
 def get_evaluators(config, sde):
     """The evaluators enabled in config.eval (enable_bpd, enable_fpe, enable_conservativity), as run functions."""
     return [build(sde, config) for flag, default, build in EVALUATORS.values() if config.eval.get(flag, default)]
+
+
+# ======================================================================================================================
+# Sample-quality metrics: FID, IS, KID (SPEC §8).
+#
+# A feature extractor maps images [B, H, W, C] in [0, 1] to (features [B, d], logits [B, K]): the FID Inception-v3
+# (models/inception.py; pool_3 features and the bias-free logits of the original Inception Score code) or the small
+# digit classifier (models/digit_classifier.py; its penultimate features and logits, for the Fréchet classifier
+# distance "fcd", kernel classifier distance "kcd" and classifier score). The metric math runs in float64 numpy on
+# the host. Reference statistics (μ, Σ and, for KID, the features) come from a file or from held-out images.
+# ======================================================================================================================
+
+# --- Metrics. ---
+
+def feature_statistics(features):
+    """(μ [d], Σ [d, d]) in float64 of features [N, d]: the mean and the covariance normalized by N - 1."""
+    f = np.asarray(features, np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"feature statistics need features [N >= 2, d]; got shape {f.shape}")
+    return f.mean(axis=0), np.atleast_2d(np.cov(f, rowvar=False))
+
+
+def _psd_sqrt(a):
+    """The symmetric square root of a symmetric PSD matrix (eigenvalues below 0 by rounding set to 0)."""
+    w, v = np.linalg.eigh(a)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def trace_sqrt_product(sigma1, sigma2):
+    """tr((Σ1 Σ2)^½) of two covariance matrices: the nuclear norm (sum of singular values) of Σ1^½ Σ2^½, float64.
+
+    With C = Σ1^½ Σ2^½, Σ1 Σ2 = Σ1^½ (C Cᵀ) Σ1^-½ is similar to C Cᵀ (for singular Σ1 they still share their
+    eigenvalues: AB and BA do), so the principal square root of Σ1 Σ2 has eigenvalues s_i(C) and trace Σ_i s_i(C).
+    The symmetric roots come from numpy.linalg.eigh (rounding-level negative eigenvalues set to 0), the singular
+    values from an SVD: nothing complex to discard, no ε·I retries when a covariance is singular (fewer samples
+    than dimensions), and no square root of rounding noise (eigenvalues of C Cᵀ would carry ~√(ε) of it).
+    """
+    c = _psd_sqrt(np.asarray(sigma1, np.float64)) @ _psd_sqrt(np.asarray(sigma2, np.float64))
+    return float(np.sum(np.linalg.svd(c, compute_uv=False)))
+
+
+def fid_from_stats(mu1, sigma1, mu2, sigma2):
+    """Fréchet distance ||μ1 - μ2||² + tr(Σ1 + Σ2 - 2 (Σ1 Σ2)^½) between N(μ1, Σ1) and N(μ2, Σ2) (SPEC §8).
+
+    The FID on Inception pool_3 statistics, the Fréchet classifier distance on a classifier's. float64; the
+    square-root term by trace_sqrt_product. May come out below 0 by rounding (|value| ~ 1e-12 tr Σ) for equal
+    statistics.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[-1]
+    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(f"Fréchet distance of statistics with different shapes: μ {mu1.shape} and {mu2.shape}, "
+                         f"Σ {sigma1.shape} and {sigma2.shape}; were both computed with the same feature network?")
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2))
+
+
+def inception_score(predictions, splits=10, from_logits=True):
+    """exp(E_x KL(p(y|x) || p(y))) (SPEC §8) of class predictions [N, C] (logits, or probabilities with
+    from_logits=False), as (mean, standard deviation) over `splits` consecutive parts of N // splits predictions
+    each, p(y) being the part's mean prediction: the original Inception Score code's convention (it also drops
+    the last N mod splits predictions). splits=1 gives the score of all predictions together."""
+    p = np.asarray(predictions, np.float64)
+    if p.ndim != 2 or splits < 1 or p.shape[0] < splits:
+        raise ValueError(f"the score needs predictions [N >= splits, C] and splits >= 1; got {p.shape}, {splits}")
+    if from_logits:
+        p = special.softmax(p, axis=1)
+    n = p.shape[0] // splits
+    scores = []
+    for part in np.split(p[:n * splits], splits):
+        kl = np.sum(special.xlogy(part, part) - special.xlogy(part, part.mean(axis=0)), axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def polynomial_kernel(x, y):
+    """KID's kernel k(x, y) = (x·y / d + 1)³ [m, n] of features x [m, d] and y [n, d]."""
+    return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
+def mmd2_unbiased(x, y):
+    """The unbiased estimate of MMD² under polynomial_kernel (a U-statistic) from x [m, d] and y [n, d]:
+    Σ_{i≠j} k(x_i, x_j) / (m(m-1)) + Σ_{i≠j} k(y_i, y_j) / (n(n-1)) - 2 Σ_{i,j} k(x_i, y_j) / (mn)."""
+    m, n = x.shape[0], y.shape[0]
+    kxx, kyy = polynomial_kernel(x, x), polynomial_kernel(y, y)
+    return ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+            - 2.0 * polynomial_kernel(x, y).mean())
+
+
+def _numpy_rng(rng):
+    """A numpy Generator seeded by a jax key (host-side draws without compiling a jax sampler per shape)."""
+    return np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel().tolist())
+
+
+def kid(rng, features1, features2, subsets=100, subset_size=1000):
+    """Kernel Inception Distance (SPEC §8): the mean of mmd2_unbiased over `subsets` subset pairs, and its
+    standard error s / √subsets (s the standard deviation over subsets), as (mean, standard error).
+
+    Each subset takes m = min(subset_size, N1, N2) examples of each set without replacement, independently of the
+    other subsets (so the standard error is the Monte-Carlo error of the subset average; it leaves out the
+    sampling error of the two feature sets themselves). float64; `rng` a jax key.
+    """
+    f1, f2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+    m = min(subset_size, f1.shape[0], f2.shape[0])
+    if f1.ndim != 2 or f1.shape[1:] != f2.shape[1:] or m < 2 or subsets < 1:
+        raise ValueError(f"KID needs features [N >= 2, d] of the same d and subsets >= 1; got {f1.shape}, "
+                         f"{f2.shape}, subsets={subsets}")
+    draws = _numpy_rng(rng)
+    values = np.array([mmd2_unbiased(f1[draws.choice(f1.shape[0], m, replace=False)],
+                                     f2[draws.choice(f2.shape[0], m, replace=False)]) for _ in range(subsets)])
+    se = values.std(ddof=1) / np.sqrt(subsets) if subsets > 1 else float("nan")
+    return float(values.mean()), float(se)
+
+
+# --- Images to features. ---
+
+def to_unit_range(images, data_range, levels=None):
+    """Images in data_range -> [0, 1] (clipped); with `levels` K, as the integer image each stands for:
+    k = min(floor(K u), K - 1) shown as k / (K - 1). A dataset's x = (k + u')/K, u' ∈ [0, 1), maps back to its k,
+    and a sample is scored as its K-level image (a PNG for K = 256) would be."""
+    low, high = data_range
+    u = np.clip((np.asarray(images, np.float64) - low) / (high - low), 0.0, 1.0)
+    if levels is None:
+        return u.astype(np.float32)
+    return (np.minimum(np.floor(levels * u), levels - 1) / (levels - 1)).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureExtractor:
+    """`apply(images [B, H, W, C] in [0, 1]) -> (features [B, d], logits [B, K])`; `names` of its (Fréchet
+    distance, kernel distance, score) metrics; `identity` says which network and preprocessing made the features
+    (stored with reference statistics and checked when they are reused)."""
+
+    name: str
+    identity: str
+    apply: Callable
+    names: tuple
+
+
+def inception_extractor(config, levels=None):
+    """The FID Inception (pool_3, logits_unbiased) with the weights file config.eval.inception_weights and
+    config.eval.inception_preprocessing ("pytorch_fid" | "tf_graph"); any number of levels."""
+    del levels
+    path = config.eval.get("inception_weights")
+    if not path:
+        raise ValueError(f"FID / IS / KID need the Inception weights: download {inception.FID_WEIGHTS_URL} and set "
+                         "--config.eval.inception_weights=/path/to/it, or score with the digit classifier: "
+                         "--config.eval.sample_quality_features=classifier")
+    variables = inception.load_fid_inception(path)
+    preprocessing = config.eval.get("inception_preprocessing", "pytorch_fid")
+
+    def apply(images):
+        out = inception.inception_outputs(variables, images, preprocessing)
+        return out["pool_3"], out["logits_unbiased"]
+
+    identity = f"FID Inception-v3 sha256:{inception.FID_WEIGHTS_SHA256}, {preprocessing} preprocessing"
+    return FeatureExtractor("inception", identity, apply, ("fid", "kid", "inception_score"))
+
+
+def classifier_extractor(config, levels=None):
+    """The digit classifier of config.eval.classifier_weights (scripts/train_digit_classifier.py), which must have
+    been trained on images of the config's shape with the data's number of levels."""
+    path = config.eval.get("classifier_weights")
+    if not path:
+        raise ValueError("the classifier metrics need --config.eval.classifier_weights: train them with "
+                         f"python scripts/train_digit_classifier.py --dataset={config.data.dataset} --output=PATH")
+    module, params, meta = digit_classifier.load_classifier(path)
+    shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+    if meta["image_shape"] != shape or (levels is not None and int(meta["levels"]) != levels):
+        raise ValueError(f"classifier {path} was trained on {meta['dataset']} ({meta['image_shape']} images of "
+                         f"{meta['levels']} levels), the data are {shape} of {levels} levels; train one on "
+                         f"{config.data.dataset} with scripts/train_digit_classifier.py")
+
+    def apply(images):
+        out = digit_classifier.classify(module, params, images)
+        return out["features"], out["logits"]
+
+    identity = f"digit classifier of {meta['dataset']} sha256:{inception.file_sha256(path)}"
+    return FeatureExtractor("classifier", identity, apply, ("fcd", "kcd", "classifier_score"))
+
+
+FEATURE_EXTRACTORS = {"inception": inception_extractor, "classifier": classifier_extractor}
+
+
+def _feature_names(config):
+    """The names in config.eval.sample_quality_features (comma-separated; default "inception"), all known."""
+    names = [n.strip() for n in config.eval.get("sample_quality_features", "inception").split(",") if n.strip()]
+    unknown = [n for n in names if n not in FEATURE_EXTRACTORS]
+    if unknown or not names:
+        raise ValueError(f"unknown sample-quality features {unknown}; set config.eval.sample_quality_features to a "
+                         f"comma-separated list of {sorted(FEATURE_EXTRACTORS)}")
+    return names
+
+
+def get_feature_extractors(config, levels=None):
+    """The extractors named in config.eval.sample_quality_features for data of `levels` levels (None: not
+    checked); loads their weights."""
+    return [FEATURE_EXTRACTORS[n](config, levels) for n in _feature_names(config)]
+
+
+# config.eval count -> the least value the metrics can use (a covariance needs 2 samples, KID's U-statistic 2 per
+# subset).
+_SAMPLE_QUALITY_MINIMA = {"num_samples": 2, "kid_subsets": 1, "kid_subset_size": 2, "is_splits": 1}
+
+
+def check_sample_quality_config(config):
+    """ValueError (one line) for sample-quality settings that cannot work: data that are not images, unknown
+    feature names or Inception preprocessing, counts below their minimum. Reads no file: the weights are loaded
+    (and their errors raised) when sample_quality_evaluator is built."""
+    if "image_size" not in config.data:
+        raise ValueError(f"config.eval.enable_sample_quality needs image data; dataset {config.data.dataset!r} is "
+                         "not an image set (FID / IS / KID score images)")
+    _feature_names(config)
+    preprocessing = config.eval.get("inception_preprocessing", "pytorch_fid")
+    if preprocessing not in inception.PREPROCESSING:
+        raise ValueError(f"config.eval.inception_preprocessing: unknown preprocessing {preprocessing!r}; choose one "
+                         f"of {sorted(inception.PREPROCESSING)}")
+    for key, least in _SAMPLE_QUALITY_MINIMA.items():
+        if config.eval.get(key, least) < least:
+            raise ValueError(f"config.eval.{key} must be >= {least}, got {config.eval[key]}")
+
+
+def extract_features(extractor, images, batch_size):
+    """(features [N, d], logits [N, K]) as float64 numpy of images [N, H, W, C] in [0, 1], batch_size at a time;
+    the last batch is padded to batch_size (one compiled shape; each example is computed independently)."""
+    images = np.asarray(images, np.float32)
+    features, logits = [], []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        padded = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), axis=0)])
+        f, lg = extractor.apply(padded)
+        features.append(np.asarray(f, np.float64)[:len(batch)])
+        logits.append(np.asarray(lg, np.float64)[:len(batch)])
+    return np.concatenate(features), np.concatenate(logits)
+
+
+# --- Reference statistics. ---
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceStats:
+    """μ, Σ (float64) of reference features, the features themselves where kept (KID needs them) and the
+    extractor identity that made them ("" for files of other codes, which do not record it)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: Optional[np.ndarray]
+    identity: str
+
+
+def stats_from_features(features, identity):
+    """ReferenceStats of features [N, d] (kept, for KID) made by the extractor called `identity`."""
+    mu, sigma = feature_statistics(features)
+    return ReferenceStats(mu, sigma, np.asarray(features, np.float64), identity)
+
+
+def save_reference_stats(path, stats):
+    """An .npz with mu, sigma, identity and (if kept) features; pytorch-fid reads its mu and sigma as they are."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    arrays = {"mu": stats.mu, "sigma": stats.sigma, "identity": np.asarray(stats.identity)}
+    if stats.features is not None:
+        arrays["features"] = stats.features
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_reference_stats(path):
+    """Reference statistics from an .npz in one of three layouts:
+    - ours: mu [d], sigma [d, d], identity, optionally features [N, d];
+    - pytorch-fid's (its --save-stats): mu, sigma;
+    - the score-SDE code's assets/stats/<dataset>_stats.npz: pool_3 [N, 2048], the features (μ, Σ computed here).
+    Files of other codes carry no identity: their features must come from the same network and preprocessing
+    (the score-SDE files hold the training split's pool_3 from TF-GAN's TF-Hub Inception module, fed uint8 images
+    scaled to [-1, 1]; which of our resize presets its resize matches is not established here)."""
+    try:
+        with np.load(path) as f:
+            data = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read reference statistics {path}: {error}") from error
+    identity = str(data["identity"]) if "identity" in data else ""
+    if "mu" in data and "sigma" in data:
+        return ReferenceStats(data["mu"].astype(np.float64), data["sigma"].astype(np.float64),
+                              data["features"].astype(np.float64) if "features" in data else None, identity)
+    if "pool_3" in data:
+        return stats_from_features(data["pool_3"], identity)
+    raise ValueError(f"{path} holds {sorted(data)}; reference statistics need mu and sigma (ours, pytorch-fid's) or "
+                     "pool_3 (the score-SDE code's stats files)")
+
+
+def reference_stats(extractor, path, reference_images, batch_size):
+    """The reference statistics of `extractor`: loaded from `path` if that file exists (its identity, when it
+    records one, must be the extractor's), else computed from reference_images() (a function returning images
+    [N, H, W, C] in [0, 1]) and written to `path` unless path is None."""
+    if path and os.path.exists(path):
+        stats = load_reference_stats(path)
+        if stats.identity and stats.identity != extractor.identity:
+            raise ValueError(f"reference statistics {path} were made by {stats.identity!r}, not by "
+                             f"{extractor.identity!r}: delete the file to recompute it, or point elsewhere")
+        if not stats.identity:
+            logging.warning("reference statistics %s do not say which network made them; they are used as "
+                            "if made by %s", path, extractor.identity)
+        return stats
+    stats = stats_from_features(extract_features(extractor, reference_images(), batch_size)[0], extractor.identity)
+    if path:
+        save_reference_stats(path, stats)
+        logging.info("wrote %s reference statistics of %d images to %s", extractor.name, len(stats.features), path)
+    return stats
+
+
+# --- The evaluator. ---
+
+def sample_quality_metrics(rng, features, logits, reference, names, config):
+    """Yields (name, value): the Fréchet distance of the features to the reference; the kernel distance and its
+    standard error ("<name>_se", config.eval.kid_subsets subsets of kid_subset_size) when the reference keeps its
+    features; the score and its standard deviation over config.eval.is_splits parts ("<name>_std")."""
+    e = config.eval
+    fd, kd, score = names
+    yield fd, fid_from_stats(*feature_statistics(features), reference.mu, reference.sigma)
+    if reference.features is not None:
+        mean, se = kid(rng, features, reference.features, e.get("kid_subsets", 100), e.get("kid_subset_size", 1000))
+        yield kd, mean
+        yield f"{kd}_se", se
+    mean, std = inception_score(logits, min(e.get("is_splits", 10), len(logits)))
+    yield score, mean
+    yield f"{score}_std", std
+
+
+def sample_quality_evaluator(config, data_range, levels):
+    """FID / KID / IS (SPEC §8) for each extractor of config.eval.sample_quality_features: run(rng, samples, data)
+    yields "num_samples" and each extractor's metrics (sample_quality_metrics) of the sample batches `samples` (an
+    iterable of arrays in data_range, e.g. run_lib.sample_shards') against the reference statistics:
+    config.eval.<extractor>_stats if that file exists, else computed from the held-out batches `data` (and written
+    there when the field is set). They are made on the first run and reused by the later runs of the same
+    evaluator (run_lib scores every checkpoint against the same test split).
+
+    data_range and levels are the dataset's (samples and held-out images are scored as the integer images they
+    stand for, to_unit_range); features are computed config.eval.batch_size at a time as the samples come. The
+    extractors' weights are loaded here, so a missing file fails before anything is sampled.
+    """
+    e = config.eval
+    extractors = get_feature_extractors(config, levels)
+    references = {}     # extractor name -> ReferenceStats, from the first run
+
+    def reference(extractor, data):
+        if extractor.name not in references:
+            images = lambda: to_unit_range(np.concatenate([np.asarray(x) for x in data]), data_range, levels)
+            references[extractor.name] = reference_stats(extractor, e.get(f"{extractor.name}_stats"), images,
+                                                         e.batch_size)
+        return references[extractor.name]
+
+    def run(rng, samples, data):
+        outputs = [([], []) for _ in extractors]
+        count = 0
+        for x in samples:
+            images = to_unit_range(np.asarray(x), data_range, levels)
+            count += len(images)
+            for extractor, (features, logits) in zip(extractors, outputs):
+                f, lg = extract_features(extractor, images, e.batch_size)
+                features.append(f)
+                logits.append(lg)
+        yield "num_samples", float(count)
+        for i, (extractor, (features, logits)) in enumerate(zip(extractors, outputs)):
+            ref = reference(extractor, data)
+            kept = "μ, Σ only" if ref.features is None else f"{len(ref.features)} features"
+            logging.info("%s metrics of %d samples; reference: %s, made by %s", extractor.name, count, kept,
+                         ref.identity or "an unrecorded network")
+            yield from sample_quality_metrics(jax.random.fold_in(rng, i), np.concatenate(features),
+                                              np.concatenate(logits), ref, extractor.names, config)
+
+    return run

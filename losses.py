@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 import models
+import sde_lib
 from sde_lib import batch_mul
 
 
@@ -214,9 +215,14 @@ class TrainState:
 
 
 def init_train_state(rng, config, model, input_shape):
-    """Initial TrainState: model.init on a zero batch of input_shape [B, ...]; EMA starts as a copy of params."""
+    """Initial TrainState: model.init on a zero batch of input_shape [B, ...]; EMA starts as a copy of params.
+
+    The labels are those training feeds the network (sde.noise_labels at t = T/2): σ, 999 t or, for discrete
+    training, integer noise-level indices, which the NCSN family requires.
+    """
     x = jnp.zeros(input_shape, jnp.float32)
-    labels = jnp.ones(input_shape[:1], jnp.float32)   # any positive label (σ or 999 t) fixes the shapes
+    sde = sde_lib.get_sde(config)
+    labels = sde.noise_labels(jnp.full(input_shape[:1], sde.T / 2), config.training.continuous)
     params = jax.jit(functools.partial(model.init, train=False))({"params": rng}, x, labels)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=get_optimizer(config).init(params),

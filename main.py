@@ -3,6 +3,7 @@
     python main.py --config=configs/toy/vp_gmm.py --workdir=runs/vp_gmm --mode=train
     python main.py --config=configs/toy/vp_gmm.py --workdir=runs/vp_gmm --mode=eval
     python main.py --config=configs/toy/vp_gmm.py --workdir=runs/vp_gmm --mode=sample --config.sampling.method=ode
+    python main.py --config=configs/vp/cifar10_ddpmpp_continuous.py --mode=summary
 
 `--config.<section>.<field>=value` overrides any config field (ml_collections rejects unknown fields and wrong
 types; tuples are written --config.data.gmm_stds='(0.4, 0.7, 0.5)'). A user error (bad flag or config value,
@@ -18,10 +19,11 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and evaluation results.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "train: train (resumes from --workdir); "
-                  "eval: evaluate checkpoints; sample: draw samples from the newest checkpoint.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "summary"], "train: train (resumes from "
+                  "--workdir); eval: evaluate checkpoints; sample: draw samples from the newest checkpoint; summary: "
+                  "print the model's parameter shapes, count and FLOPs per example (needs no --workdir).")
 flags.DEFINE_string("eval_folder", "eval", "Subdirectory of --workdir for --mode=eval results.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 
 def fail(message):
@@ -63,12 +65,15 @@ def _not_orbax(record):
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; flags are written --name=value")
+    if FLAGS.mode != "summary" and not FLAGS.workdir:
+        fail(f"--mode={FLAGS.mode} needs --workdir=<directory for checkpoints, metrics and samples>")
     import run_lib  # after the flags are parsed, so a flag error is reported without waiting for jax to load
 
     modes = {
         "train": lambda: run_lib.train(FLAGS.config, FLAGS.workdir),
         "eval": lambda: run_lib.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.eval_folder),
         "sample": lambda: run_lib.sample(FLAGS.config, FLAGS.workdir),
+        "summary": lambda: run_lib.print_summary(FLAGS.config),
     }
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_not_orbax)

@@ -20,12 +20,14 @@ import os
 import sys
 import tempfile
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import datasets
@@ -52,13 +54,14 @@ _FIELD_CHECKS = (
     [(key, lambda v: v > 0, "> 0") for key in (
         "training.batch_size", "training.log_freq", "training.eval_freq", "training.snapshot_freq",
         "training.snapshot_freq_for_preemption", "training.max_to_keep", "training.n_jitted_steps",
-        "eval.batch_size", "eval.num_test", "sampling.num_samples", "model.num_scales")]
+        "eval.batch_size", "eval.num_test", "sampling.num_samples", "sampling.shard_size", "model.num_scales")]
     + [("training.n_iters", lambda v: v >= 0, ">= 0"),
        ("model.ema_rate", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
        ("optim.lr", lambda v: v >= 0, ">= 0")])
 
-# Quantities that the fused train steps (training.n_jitted_steps) must divide.
-_JITTED_MULTIPLES = ("training.n_iters", "training.log_freq", "training.eval_freq", "training.snapshot_freq",
+# Quantities that the fused train steps (training.n_jitted_steps) must divide. n_iters need not: as in the
+# reference, training stops at the first multiple of n_jitted_steps >= n_iters (1,300,005 for 1,300,001 and 5).
+_JITTED_MULTIPLES = ("training.log_freq", "training.eval_freq", "training.snapshot_freq",
                      "training.snapshot_freq_for_preemption")
 
 
@@ -77,8 +80,9 @@ def validate_config(config):
 
     Checks sizes and frequencies, the eps of training, sampling and evaluation against (0, T), the split of the
     batches over devices and hosts, and every name (SDE, weighting, objective, optimizer, model, sampling
-    method, predictor, corrector) by constructing the pieces from the registries. The dataset name is checked
-    when datasets.get_dataset builds it, which every mode does next, before anything is compiled.
+    method, predictor, corrector) by constructing the pieces from the registries, and the sample-quality
+    settings when config.eval.enable_sample_quality. The dataset name is checked when datasets.get_dataset
+    builds it, which every mode does next, before anything is compiled.
     """
     for key, ok, what in _FIELD_CHECKS:
         _require(ok(_get(config, key)), f"config.{key} must be {what}, got {_get(config, key)}")
@@ -86,13 +90,13 @@ def validate_config(config):
     for key in _JITTED_MULTIPLES:
         _require(_get(config, key) % n == 0, f"config.{key} = {_get(config, key)} must be a multiple of "
                                             f"config.training.n_jitted_steps = {n}")
+    _require(config.eval.get("bpd_repeats", 1) > 0, f"config.eval.bpd_repeats must be > 0, got "
+                                                    f"{config.eval.get('bpd_repeats')}")
+    devices, hosts = jax.device_count(), jax.process_count()
     for key in ("training.batch_size", "eval.batch_size"):
-        devices, hosts = jax.device_count(), jax.process_count()
         _require(_get(config, key) % devices == 0 and _get(config, key) % hosts == 0,
                  f"config.{key} = {_get(config, key)} must divide evenly over {devices} devices and {hosts} "
                  f"hosts; use a multiple of {devices}")
-    _require(config.eval.batch_size <= config.eval.num_test, f"config.eval.batch_size = {config.eval.batch_size} "
-             f"must not exceed config.eval.num_test = {config.eval.num_test}")
     sde = sde_lib.get_sde(config)
     for key in ("training.eps", "sampling.eps", "eval.eps"):
         _require(0.0 < _get(config, key) < sde.T, f"config.{key} must lie in (0, T) = (0, {sde.T}), "
@@ -107,6 +111,13 @@ def validate_config(config):
             lookup(_get(config, key))
         except ValueError as e:
             raise ValueError(f"config.{key}: {e}") from None
+    quality = config.eval.get("enable_sample_quality", False)
+    if quality:
+        evaluation.check_sample_quality_config(config)
+    for section, size in [("sampling", "shard_size")] + [("eval", "batch_size")] * quality:
+        shard = shard_plan(config[section].num_samples, config[section][size])[0]
+        _require(shard % devices == 0, f"config.{section}: the shards of min({size}, num_samples) = {shard} samples "
+                                       f"must divide evenly over {devices} devices; use multiples of {devices}")
 
 
 def ensure_writable(directory):
@@ -181,15 +192,27 @@ class Setup:
         self.model = models.create_model(config)
         self.mesh = make_mesh()
         self.replicated = NamedSharding(self.mesh, P())
+        # One function object for every checkpoint, so jitted samplers that take score functions hit their cache.
+        self._split_batch = functools.partial(_split_batch, sharding=NamedSharding(self.mesh, P("data")))
         self.rngs = _rng_streams(config.seed)
         init = functools.partial(losses.init_train_state, config=config, model=self.model,
                                  input_shape=(1,) + self.dataset.shape)
         self.initial_state = jax.jit(init, out_shardings=self.replicated)(self.rngs["init"])
 
     def score_fn(self, params):
-        """The score function of `params` (a jax.tree_util.Partial: samplers trace the params, not retrace)."""
-        return models.get_score_fn(self.sde, self.model, {"params": params}, train=False,
-                                   continuous=self.config.training.continuous)
+        """The score function of `params` (a jax.tree_util.Partial: samplers trace the params, not retrace), its
+        batch split over the mesh's devices (_split_batch)."""
+        score_fn = models.get_score_fn(self.sde, self.model, {"params": params}, train=False,
+                                       continuous=self.config.training.continuous)
+        return score_fn if self.mesh.size == 1 else jax.tree_util.Partial(self._split_batch, score_fn)
+
+
+def _split_batch(score_fn, x, t, *, sharding):
+    """score_fn(x, t) with the batch x constrained to `sharding`: XLA's sharding propagation then splits the whole
+    sampler or likelihood solve around it over the devices. Batches that do not divide evenly are left alone."""
+    if x.ndim > 0 and x.shape[0] % sharding.mesh.size == 0:
+        x = jax.lax.with_sharding_constraint(x, sharding)
+    return score_fn(x, t)
 
 
 # --- 3. Checkpoints (orbax): permanent ones and the preemption ("meta") one. ---
@@ -347,6 +370,39 @@ def save_scatter(path, samples, data, title):
     fig.savefig(path, dpi=100)
 
 
+def image_grid(images, data_range, pad=2):
+    """uint8 [rows·(H+pad)+pad, cols·(W+pad)+pad, C] tiling of images [N, H, W, C] (values in data_range, clipped)."""
+    n, h, w, c = images.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = -(-n // cols)
+    low, high = data_range
+    pixels = np.clip(np.nan_to_num((images - low) / (high - low), nan=0.0), 0.0, 1.0)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+    for i, image in enumerate(np.round(pixels * 255).astype(np.uint8)):
+        r, q = divmod(i, cols)
+        grid[pad + r * (h + pad):(r + 1) * (h + pad), pad + q * (w + pad):(q + 1) * (w + pad)] = image
+    return grid
+
+
+def save_image_grid(path, samples, data_range, min_size=512):
+    """A PNG grid of image samples, enlarged (nearest neighbour) to at least min_size pixels."""
+    from PIL import Image
+
+    grid = image_grid(samples, data_range)
+    scale = max(1, min_size // max(grid.shape[:2]))
+    image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    image.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def save_sample_plot(path, samples, dataset, title):
+    """An image grid (the file name carries the step) for images; a titled scatter plot beside the test data for
+    vectors."""
+    if len(dataset.shape) == 3:
+        save_image_grid(path, samples, dataset.data_range)
+    else:
+        save_scatter(path, samples, dataset.test_data, title)
+
+
 def draw_samples(setup, params, rng):
     """(samples [num_samples, ...] as numpy, nfe) from config.sampling with the score of `params`."""
     config = setup.config
@@ -359,8 +415,8 @@ def snapshot_samples(setup, state, step, workdir):
     """The sample plot saved with a permanent checkpoint: workdir/samples/step_<step>.png."""
     x, nfe = draw_samples(setup, state.ema_params, jax.random.fold_in(setup.rngs["sample"], step))
     directory = ensure_writable(os.path.join(workdir, "samples"))
-    save_scatter(os.path.join(directory, f"step_{step:08d}.png"), x, setup.dataset.test_data,
-                 f"{setup.config.data.dataset}, step {step}, {setup.config.sampling.method} ({nfe} NFE)")
+    save_sample_plot(os.path.join(directory, f"step_{step:08d}.png"), x, setup.dataset,
+                     f"{setup.config.data.dataset}, step {step}, {setup.config.sampling.method} ({nfe} NFE)")
 
 
 # --- 6. Training. ---
@@ -376,10 +432,13 @@ def _compile_train_step(setup, state, batch):
 
 
 def _eval_step(setup):
-    """fn(state, step) -> held-out loss of the EMA parameters on the first eval.batch_size test points."""
+    """fn(state, step) -> held-out loss of the EMA parameters on the first eval.batch_size test points (fewer
+    when the test split is smaller, rounded down to a multiple of the device count)."""
     config = setup.config
     eval_fn = losses.get_eval_fn(losses.get_loss_fn(config, setup.sde, setup.model, train=False))
-    batch = _array_from_global(setup.dataset.test_data[:config.eval.batch_size], _batch_sharding(setup.mesh, 1))
+    size = min(config.eval.batch_size, len(setup.dataset.test_data))
+    size = max(size - size % jax.device_count(), jax.device_count())
+    batch = _array_from_global(setup.dataset.test_data[:size], _batch_sharding(setup.mesh, 1))
     jitted = jax.jit(eval_fn, in_shardings=(setup.replicated, batch.sharding, setup.replicated),
                      out_shardings=setup.replicated)
     return lambda state, step: float(jitted(state, batch, jax.random.fold_in(setup.rngs["eval"], step))["loss"])
@@ -394,12 +453,12 @@ class _Checkpointer:
 
     def is_due(self, step):
         t = self.training
-        return step % t.snapshot_freq == 0 or step == t.n_iters or step % t.snapshot_freq_for_preemption == 0
+        return step % t.snapshot_freq == 0 or step >= t.n_iters or step % t.snapshot_freq_for_preemption == 0
 
     def save(self, step, state):
         """Saves `state` at `step`; returns whether it was a permanent checkpoint."""
         t = self.training
-        permanent = step % t.snapshot_freq == 0 or step == t.n_iters
+        permanent = step % t.snapshot_freq == 0 or step >= t.n_iters
         (self.permanent if permanent else self.meta).save(step, args=ocp.args.StandardSave(state))
         return permanent
 
@@ -418,15 +477,14 @@ def train(config, workdir):
     validate_config(config)
     ensure_writable(workdir)
     setup = Setup(config)
-    t = config.training
     checkpointer = _Checkpointer(workdir, config)
     try:
         state = _resume(setup, checkpointer, workdir)
         _save_config(config, workdir)
-        _train_loop(setup, state, checkpointer, workdir)
+        step = _train_loop(setup, state, checkpointer, workdir)
     finally:
         checkpointer.close()  # waits for the async saves
-    logging.info("training finished at step %d; checkpoints in %s", t.n_iters, workdir)
+    logging.info("training finished at step %d; checkpoints in %s", step, workdir)
 
 
 def _resume(setup, checkpointer, workdir):
@@ -458,7 +516,7 @@ def _train_loop(setup, state, checkpointer, workdir):
     batch_sharding = _batch_sharding(setup.mesh, n)
     if step >= t.n_iters:
         logging.info("nothing to do: the checkpoint is at step %d >= n_iters = %d", step, t.n_iters)
-        return
+        return step
     start = time.time()
     step_fn = _compile_train_step(setup, state, train_batch(setup.dataset, step, n, batch_sharding))
     eval_loss = _eval_step(setup)
@@ -487,12 +545,52 @@ def _train_loop(setup, state, checkpointer, workdir):
     finally:
         progress.close()
         writer.close()
+    return step
 
 
-# --- 7. Evaluation: test NLL by the probability-flow ODE, and the evaluators of evaluation.py. ---
+# --- 7. Resumable results: each shard of samples and each batch of likelihoods is a file of its own. ---
+
+def _read_npz(path):
+    """The arrays of an .npz file as a dict, or None when it is absent or unreadable."""
+    try:
+        with np.load(path) as f:
+            return {name: f[name] for name in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def resumable(path, compute, complete):
+    """The arrays saved at `path` when complete(arrays) says they are a finished result; else compute()'s dict of
+    arrays, which process 0 saves under a temporary name and renames: a killed run leaves the whole file or none,
+    and its rerun computes only what is missing. Returns (arrays, whether they were read)."""
+    saved = _read_npz(path)
+    if saved is not None and complete(saved):
+        return saved, True
+    result = {name: np.asarray(value) for name, value in compute().items()}
+    if jax.process_index() == 0:
+        partial = path[:-len(".npz")] + ".partial.npz"
+        np.savez(partial, **result)
+        os.replace(partial, path)
+    return result, False
+
+
+def to_host(x):
+    """A numpy copy of x, gathered from every host when it is sharded over several."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+# --- 8. Evaluation: bits/dim by the probability-flow ODE, FID / IS / KID, and the evaluators of evaluation.py. ---
 
 def _batches(data, batch_size):
     return [data[i:i + batch_size] for i in range(0, len(data), batch_size)]
+
+
+def _padded_batches(n, batch_size):
+    """Index arrays of the batches of n items, the last one filled up by wrapping around to the first items, so
+    every batch has the same shape (one compilation, an even split over devices)."""
+    return [np.arange(i, i + batch_size) % n for i in range(0, n, batch_size)]
 
 
 def _exact_divergence(config, dim):
@@ -501,40 +599,71 @@ def _exact_divergence(config, dim):
     return dim <= 16 if exact is None else bool(exact)
 
 
-def test_nll(rng, config, sde, score_fn, batches):
-    """-log p(x) [N] in nats of held-out batches by the probability-flow ODE (SPEC §4), and the mean NFE."""
+def test_nll(rng, config, sde, score_fn, dataset, directory):
+    """-log p(x) [repeats, N] in nats of the held-out split by the probability-flow ODE (SPEC §4), and the NFE of
+    each solve [repeats, batches].
+
+    Repeat r (of config.eval.bpd_repeats) takes the split as dataset.test_split(r) (a fresh dequantization draw for
+    r > 0) and fresh Hutchinson probes: batch b of repeat r solves with jax.random.fold_in(rng, r·batches + b).
+    Each (repeat, batch) is saved as directory/nll_r<r>_b<b>.npz and read back on a rerun (resumable).
+    """
     e = config.eval
-    exact = _exact_divergence(config, int(np.prod(batches[0].shape[1:])))
-    nll, nfe = [], []
-    for i, x in enumerate(batches):
-        logp, _, n = likelihood.log_likelihood(
-            jax.random.fold_in(rng, i), sde, score_fn, jnp.asarray(x), exact_divergence=exact,
-            hutchinson_type=e.get("hutchinson_type", "rademacher"), rtol=e.rtol, atol=e.atol, eps=e.eps,
-            solver=e.get("solver", "tsit5"))
-        nll.append(-np.asarray(logp, np.float64))
-        nfe.append(float(n))
-    return np.concatenate(nll), float(np.mean(nfe))
+    n = len(dataset.test_data)
+    size = min(e.batch_size, n)
+    index = _padded_batches(n, size)
+    exact = _exact_divergence(config, int(np.prod(dataset.shape)))
+    repeats = e.get("bpd_repeats", 1)
+    nll, nfe = np.zeros((repeats, n)), np.zeros((repeats, len(index)))
+    os.makedirs(directory, exist_ok=True)
+    for r in range(repeats):
+        data = dataset.test_split(r)
+        for b, idx in enumerate(index):
+            def solve():
+                logp, _, count = likelihood.log_likelihood(
+                    jax.random.fold_in(rng, r * len(index) + b), sde, score_fn, jnp.asarray(data[idx]),
+                    exact_divergence=exact, hutchinson_type=e.get("hutchinson_type", "rademacher"), rtol=e.rtol,
+                    atol=e.atol, eps=e.eps, solver=e.get("solver", "tsit5"))
+                return {"nll": -to_host(logp).astype(np.float64), "nfe": to_host(count)}
+
+            path = os.path.join(directory, f"nll_r{r:03d}_b{b:05d}.npz")
+            result, _ = resumable(path, solve, lambda saved: saved.get("nll", np.zeros(0)).shape == (size,))
+            kept = min(size, n - b * size)
+            nll[r, idx[:kept]] = result["nll"][:kept]
+            nfe[r, b] = result["nfe"]
+    return nll, nfe
 
 
-def _nll_scalars(nll, nfe, dataset):
-    """Test NLL (mean, standard error), bits/dim where the data are discrete, and the true density's values."""
-    scalars = {"test_nll": float(nll.mean()), "test_nll_se": float(nll.std(ddof=1) / np.sqrt(nll.size)),
-               "nll_nfe": nfe}
+def _nll_scalars(nll, nfe, dataset, config):
+    """Test NLL and (for discrete data) bits/dim: the mean over examples of each example's mean over repeats, with
+    the standard error over examples; the evaluation's settings beside them (SPEC §4); the true density's NLL."""
+    e = config.eval
+    per_example = nll.mean(axis=0)
+    se = lambda v: float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else float("nan")
+    scalars = {"test_nll": float(per_example.mean()), "test_nll_se": se(per_example), "nll_nfe": float(nfe.mean()),
+               "nll_examples": float(nll.shape[1]), "nll_repeats": float(nll.shape[0]), "nll_eps": float(e.eps),
+               "nll_rtol": float(e.rtol), "nll_atol": float(e.atol)}
     if dataset.levels is not None:
-        bpd = likelihood.bits_per_dim(-nll, dataset.shape, dataset.data_range, dataset.levels)
-        scalars["test_bpd"] = float(np.mean(bpd))
+        bpd = np.asarray(likelihood.bits_per_dim(-per_example, dataset.shape, dataset.data_range, dataset.levels))
+        low, high = dataset.data_range
+        scalars.update(test_bpd=float(bpd.mean()), test_bpd_se=se(bpd),
+                       bpd_offset=float(np.log2(dataset.levels / (high - low))))
     if dataset.density is not None:
         true_nll = -np.asarray(dataset.density.log_prob(jnp.asarray(dataset.test_data)), np.float64)
         scalars["test_nll_true_density"] = float(true_nll.mean())
     return scalars
 
 
-def _evaluators(config, sde):
-    """evaluation.get_evaluators without its NLL evaluator: evaluate() computes the test NLL itself."""
-    config = copy.deepcopy(config)
-    with config.unlocked():
-        config.eval.enable_bpd = False
-    return evaluation.get_evaluators(config, sde)
+def _evaluators(config, sde, dataset):
+    """(the run functions of evaluation.get_evaluators without its NLL evaluator, which evaluate() replaces by
+    test_nll; the FID / IS / KID scorer of evaluation.sample_quality_evaluator when config.eval.
+    enable_sample_quality, else None). The scorer loads its feature networks' weights here, before any sampling."""
+    quiet = copy.deepcopy(config)
+    with quiet.unlocked():
+        quiet.eval.enable_bpd = False
+    quality = None
+    if config.eval.get("enable_sample_quality", False):
+        quality = evaluation.sample_quality_evaluator(config, dataset.data_range, dataset.levels)
+    return evaluation.get_evaluators(quiet, sde), quality
 
 
 def _eval_steps(config, managers):
@@ -551,14 +680,16 @@ def _eval_steps(config, managers):
 
 
 def evaluate(config, workdir, eval_folder="eval"):
-    """Evaluates the checkpoints of `workdir` (see _eval_steps): the test NLL in nats on config.eval.num_test
-    held-out points, plus config's evaluators; writes workdir/eval_folder/metrics.jsonl and TensorBoard."""
+    """Evaluates the checkpoints of `workdir` (see _eval_steps): the test NLL / bits/dim (test_nll), the FID / IS /
+    KID of config.eval.num_samples samples, and config's other evaluators (FPE residual, conservativity); writes
+    workdir/eval_folder/metrics.jsonl and TensorBoard. Each checkpoint's likelihood batches and sample shards are
+    kept in eval_folder/step_<step>/, so an interrupted evaluation resumes where it stopped."""
     validate_config(config)
     _require_checkpoints(workdir)
     eval_dir = ensure_writable(os.path.join(workdir, eval_folder))
     setup = Setup(config)
+    evaluators, quality = _evaluators(config, setup.sde, setup.dataset)
     managers = checkpoint_managers(workdir, config, create=False)
-    batches = _batches(setup.dataset.test_data, config.eval.batch_size)
     entropy = None
     if setup.dataset.density is not None:
         entropy = setup.dataset.density.entropy(setup.rngs["entropy"])
@@ -567,7 +698,8 @@ def evaluate(config, workdir, eval_folder="eval"):
         for step, manager in _eval_steps(config, managers):
             _require(step is not None, f"no complete checkpoint in {workdir}; train first with --mode=train")
             state = restore(manager, step, setup.initial_state, workdir)
-            scalars = _evaluate_state(setup, state, step, batches)
+            scalars = _evaluate_state(setup, state, step, evaluators, quality,
+                                      os.path.join(eval_dir, f"step_{step:08d}"))
             if entropy is not None:
                 scalars.update(entropy=float(entropy[0]), entropy_se=float(entropy[1]))
             writer.write(step, scalars)
@@ -576,15 +708,34 @@ def evaluate(config, workdir, eval_folder="eval"):
         writer.close()
 
 
-def _evaluate_state(setup, state, step, batches):
+def _evaluate_state(setup, state, step, evaluators, quality, directory):
+    """The eval scalars of one checkpoint. rng = the eval stream folded with the step: the test NLL uses it, the
+    evaluators it folded with their position from 1, the sample-quality samples it folded with _QUALITY_SAMPLES."""
     config, rng = setup.config, jax.random.fold_in(setup.rngs["eval"], step)
     score_fn = setup.score_fn(state.ema_params)
     scalars = {}
     if config.eval.get("enable_bpd", True):
-        scalars.update(_nll_scalars(*test_nll(rng, config, setup.sde, score_fn, batches), setup.dataset))
-    for i, run in enumerate(_evaluators(config, setup.sde)):
+        nll, nfe = test_nll(rng, config, setup.sde, score_fn, setup.dataset, os.path.join(directory, "nll"))
+        scalars.update(_nll_scalars(nll, nfe, setup.dataset, config))
+    batches = _batches(setup.dataset.test_data, config.eval.batch_size)
+    for i, run in enumerate(evaluators):
         scalars.update({name: float(v) for name, v in run(jax.random.fold_in(rng, i + 1), score_fn, batches)})
+    if quality is not None:
+        e = config.eval
+        shards = sample_shards(setup, state.ema_params, jax.random.fold_in(rng, _QUALITY_SAMPLES), e.num_samples,
+                               e.batch_size, os.path.join(directory, "samples"))
+        pairs = quality(jax.random.fold_in(rng, len(evaluators) + 1), (x for x, _ in shards),
+                        _reference_batches(setup.dataset, e.batch_size))
+        scalars.update({name: float(v) for name, v in pairs})
     return scalars
+
+
+_QUALITY_SAMPLES = 0x5A3  # a fold_in tag outside the evaluators' positions
+
+
+def _reference_batches(dataset, batch_size):
+    """The whole test split for FID / IS / KID, read only if the evaluator has no reference statistics yet."""
+    yield from _batches(dataset.reference_data(), batch_size)
 
 
 def _log_eval(step, scalars):
@@ -593,23 +744,114 @@ def _log_eval(step, scalars):
                  f"its NLL on these points {scalars['test_nll_true_density']:.4f})" if "entropy" in scalars else "")
         logging.info("step %d: test NLL = %.4f ± %.4f nats%s", step, scalars["test_nll"], scalars["test_nll_se"],
                      truth)
+    if "test_bpd" in scalars:
+        logging.info("step %d: test bits/dim = %.4f ± %.4f over %d examples x %d repeats (eps %g, rtol %g, atol %g, "
+                     "mean NFE %.0f, offset %+.2f bits/dim)", step, scalars["test_bpd"], scalars["test_bpd_se"],
+                     scalars["nll_examples"], scalars["nll_repeats"], scalars["nll_eps"], scalars["nll_rtol"],
+                     scalars["nll_atol"], scalars["nll_nfe"], scalars["bpd_offset"])
     logging.info("step %d: %s", step, json.dumps(scalars))
 
 
-# --- 8. Sampling from the newest checkpoint. ---
+# --- 9. Samples in shards: --mode=sample and the samples of FID / IS / KID. ---
+
+def shard_plan(num_samples, shard_size):
+    """(samples per shard, number of shards): every shard has min(shard_size, num_samples) samples (one compiled
+    sampler); what the last one draws beyond num_samples is not used."""
+    size = min(shard_size, num_samples)
+    return size, -(-num_samples // size)
+
+
+def sample_shards(setup, params, rng, num_samples, shard_size, directory):
+    """Yields (samples [n_k, ...] numpy, nfe) of shards k = 0, 1, ... in order, the n_k summing to num_samples.
+
+    Shard k is drawn with config.sampling from jax.random.fold_in(rng, k), its batch split over all devices
+    (Setup.score_fn), and saved as directory/shard_<k>.npz (samples, nfe); a finished shard is read instead of
+    drawn (resumable). So the samples depend on (rng, k, shard size), not on the number of devices or hosts (up to
+    the float rounding of cross-device sums).
+    """
+    size, count = shard_plan(num_samples, shard_size)
+    shape = (size,) + setup.dataset.shape
+    sample_fn = sampling.get_sampling_fn(setup.config, setup.sde, shape)
+    score_fn = setup.score_fn(params)
+    os.makedirs(directory, exist_ok=True)
+    for k in range(count):
+        def draw():
+            x, nfe = sample_fn(jax.random.fold_in(rng, k), score_fn)
+            return {"samples": to_host(x), "nfe": to_host(nfe)}
+
+        path = os.path.join(directory, f"shard_{k:05d}.npz")
+        shard, read = resumable(path, draw, lambda saved: saved.get("samples", np.zeros(0)).shape == shape)
+        logging.info("shard %d/%d: %d samples, %d NFE, %s %s", k + 1, count, size, shard["nfe"],
+                     "read from" if read else "saved to", path)
+        yield shard["samples"][:num_samples - k * size], int(shard["nfe"])
+
 
 def sample(config, workdir):
-    """Draws config.sampling.num_samples samples from the newest checkpoint's EMA parameters into
-    workdir/samples/samples_<step>.npz (samples, nfe, step) and a scatter plot samples_<step>.png."""
+    """Draws config.sampling.num_samples samples from the newest checkpoint's EMA parameters in shards of
+    config.sampling.shard_size (sample_shards) into workdir/samples/step_<step>/shard_<k>.npz, and plots the first
+    _GRID_SIZE of them (images) or all (vectors) in workdir/samples/step_<step>.png. A rerun after an
+    interruption draws only the missing shards. Returns the samples."""
     validate_config(config)
     _require_checkpoints(workdir)
-    directory = ensure_writable(os.path.join(workdir, "samples"))
     setup = Setup(config)
     state, step = restore_latest(workdir, config, setup)
-    x, nfe = draw_samples(setup, state.ema_params, jax.random.fold_in(setup.rngs["sample"], step))
-    path = os.path.join(directory, f"samples_{step:08d}")
-    np.savez(path + ".npz", samples=x, nfe=nfe, step=step)
-    save_scatter(path + ".png", x, setup.dataset.test_data,
-                 f"{config.data.dataset}, step {step}, {config.sampling.method} ({nfe} NFE)")
-    logging.info("saved %d samples (%d NFE) of the step-%d checkpoint to %s.npz/.png", len(x), nfe, step, path)
+    s = config.sampling
+    directory = ensure_writable(os.path.join(workdir, "samples", f"step_{step:08d}"))
+    shards = list(sample_shards(setup, state.ema_params, jax.random.fold_in(setup.rngs["sample"], step),
+                                s.num_samples, s.shard_size, directory))
+    x = np.concatenate([samples for samples, _ in shards])
+    nfe = np.mean([n for _, n in shards])
+    if jax.process_index() == 0:
+        save_sample_plot(directory + ".png", x[:_GRID_SIZE] if x.ndim == 4 else x, setup.dataset,
+                         f"{config.data.dataset}, step {step}, {s.method} ({nfe:.0f} NFE)")
+    logging.info("%d samples (%.0f NFE per shard) of the step-%d checkpoint in %s/shard_*.npz; plot %s.png",
+                 len(x), nfe, step, directory, directory)
     return x
+
+
+_GRID_SIZE = 64  # images on the sample grid of --mode=sample
+
+
+# --- 10. Model summary: parameters, shapes and FLOPs without data or initialization. ---
+
+def input_shape(config):
+    """The shape of one example: (image_size, image_size, num_channels) for images, (dim,) otherwise."""
+    data = config.data
+    if "image_size" in data:
+        return (data.image_size, data.image_size, data.num_channels)
+    return (data.dim,)
+
+
+def summary(config):
+    """Parameter count, every parameter's shape, and forward FLOPs per example (XLA's cost analysis of the
+    un-optimized HLO: 2 per multiply-add of convolutions and matmuls, plus elementwise ops) of config's model.
+
+    Nothing is initialized or compiled (jax.eval_shape and one lowering), so it takes seconds even for the
+    largest configs. Returns {"params": int, "flops_per_example": float, "shapes": {path: shape}, ...}.
+    """
+    validate_config(config)
+    model, sde = models.create_model(config), sde_lib.get_sde(config)
+    shape = input_shape(config)
+    state = jax.eval_shape(functools.partial(losses.init_train_state, config=config, model=model,
+                                             input_shape=(1,) + shape), jax.random.PRNGKey(0))
+    x = jax.ShapeDtypeStruct((1,) + shape, jnp.float32)
+    labels = sde.noise_labels(jnp.full((1,), sde.T / 2), config.training.continuous)
+    forward = jax.jit(lambda params, x, labels: model.apply({"params": params}, x, labels, train=False))
+    cost = forward.lower(state.params, x, labels).cost_analysis()
+    output = jax.eval_shape(forward, state.params, x, labels)
+    shapes = {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+              for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
+    return {"model": config.model.name, "params": sum(int(np.prod(s)) for s in shapes.values()),
+            "flops_per_example": float(cost["flops"]), "input_shape": shape, "output_shape": output.shape[1:],
+            "shapes": shapes}
+
+
+def print_summary(config, file=sys.stdout):
+    """summary(config) as text: one line per parameter, then the totals."""
+    s = summary(config)
+    width = max(len(path) for path in s["shapes"])
+    for path, shape in s["shapes"].items():
+        print(f"{path:<{width}}  {str(shape):<22} {int(np.prod(shape)):>12,}", file=file)
+    print(f"model {s['model']}: {s['params']:,} parameters; input {s['input_shape']} -> output "
+          f"{s['output_shape']}; {s['flops_per_example'] / 1e9:.3f} GFLOP per example (forward)", file=file)
+    return s

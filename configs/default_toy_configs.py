@@ -34,10 +34,20 @@ def get_default_configs():
     sampling.noise_removal = True
     sampling.eps = 1e-3
     sampling.num_samples = 2000
+    sampling.shard_size = 2000            # samples per sampler call (and per .npz shard of --mode=sample)
+    # method "ode": adaptive "tsit5" | "dopri5" (ode_rtol, ode_atol) or fixed-step "euler" | "heun" | "midpoint"
+    # (ode_steps steps, spaced "uniform" in t or "edm": Karras et al. 2022 with ρ = ode_rho)
+    sampling.ode_solver = "tsit5"
+    sampling.ode_rtol = 1e-5
+    sampling.ode_atol = 1e-5
+    sampling.ode_steps = 30
+    sampling.ode_schedule = "uniform"
+    sampling.ode_rho = 7.0
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.batch_size = 1000
     evaluate.num_test = 2000              # held-out samples for the test NLL
+    evaluate.bpd_repeats = 1              # passes over them with fresh Hutchinson probes (exact divergence: 1)
     evaluate.enable_bpd = True
     evaluate.eps = 1e-5
     evaluate.exact_divergence = True      # exact trace of the Jacobian: fine for small D

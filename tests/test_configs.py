@@ -18,6 +18,7 @@ from ml_collections import config_flags
 import configs
 import losses
 import models
+import run_lib
 import sampling
 import sde_lib
 
@@ -51,8 +52,9 @@ COMMON_FIELDS = {
                      n_iters=int, n_jitted_steps=int, log_freq=int, eval_freq=int, snapshot_freq=int,
                      snapshot_freq_for_preemption=int, max_to_keep=int, snapshot_sampling=bool),
     "sampling": dict(method=str, predictor=str, corrector=str, n_steps_each=int, snr=float, noise_removal=bool,
-                     eps=float, num_samples=int),
-    "eval": dict(batch_size=int, num_test=int, enable_bpd=bool, eps=float, exact_divergence=bool, rtol=float,
+                     eps=float, num_samples=int, shard_size=int, ode_solver=str, ode_rtol=float, ode_atol=float, ode_steps=int,
+                     ode_schedule=str, ode_rho=float),
+    "eval": dict(batch_size=int, num_test=int, bpd_repeats=int, enable_bpd=bool, eps=float, exact_divergence=bool, rtol=float,
                  atol=float, begin_ckpt=int, end_ckpt=int),
     "data": dict(dataset=str),
     "model": dict(name=str, nf=int, embedding_type=str, scale_by_sigma=bool, dropout=float, ema_rate=float,
@@ -60,10 +62,12 @@ COMMON_FIELDS = {
     "optim": dict(optimizer=str, lr=float, beta1=float, eps=float, weight_decay=float, warmup=int,
                   grad_clip=float),
 }
-# Further fields of the image configs (the score-SDE reference's).
+# Further fields of the image configs: the score-SDE reference's, and the sample-quality settings (SPEC §8).
 IMAGE_FIELDS = {
     "sampling": dict(probability_flow=bool),
-    "eval": dict(enable_sampling=bool, enable_loss=bool, num_samples=int, bpd_dataset=str),
+    "eval": dict(enable_sampling=bool, enable_loss=bool, num_samples=int, bpd_dataset=str, enable_sample_quality=bool,
+                 sample_quality_features=str, inception_preprocessing=str, kid_subsets=int, kid_subset_size=int,
+                 is_splits=int),
     "data": dict(image_size=int, num_channels=int, random_flip=bool, centered=bool, uniform_dequantization=bool),
     "model": dict(normalization=str, nonlinearity=str),
 }
@@ -141,8 +145,16 @@ def test_frequencies_and_checkpoint_range(rel):
     for name in ("log_freq", "eval_freq", "snapshot_freq", "snapshot_freq_for_preemption"):
         assert t[name] % t.n_jitted_steps == 0, f"{rel}: training.{name} is not a multiple of n_jitted_steps"
     written = t.n_iters // t.snapshot_freq
+    if e.end_ckpt < 0:  # the newest checkpoint, whatever its number
+        return
     assert 1 <= e.begin_ckpt <= e.end_ckpt <= written, f"{rel}: eval ckpts {e.begin_ckpt}..{e.end_ckpt} of {written}"
     assert t.max_to_keep >= e.end_ckpt
+
+
+@pytest.mark.parametrize("rel", EXPERIMENTS)
+def test_passes_the_run_validation(rel):
+    """What main.py checks before any mode: every shipped experiment must get past it unmodified."""
+    run_lib.validate_config(load(rel))
 
 
 @pytest.mark.parametrize("rel", IMAGE_EXPERIMENTS)
@@ -154,7 +166,8 @@ def test_image_config_conventions(rel):
     ve = config.training.sde == "vesde"
     assert config.data.centered == (not ve)
     assert config.sampling.eps == (1e-5 if ve else 1e-3)
-    assert config.eval.eps == 1e-5 and config.eval.rtol == 1e-5 and config.eval.atol == 1e-5
+    if rel in REFERENCE_EXPERIMENTS:  # the demo trades likelihood-ODE accuracy for minutes on a CPU
+        assert config.eval.eps == 1e-5 and config.eval.rtol == 1e-5 and config.eval.atol == 1e-5
     assert not config.eval.exact_divergence
     if config.model.name == "ncsnpp" and config.model.embedding_type == "fourier":
         assert ve and config.training.continuous, f"{rel}: Fourier features of log σ need continuous VE labels"

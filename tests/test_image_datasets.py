@@ -52,6 +52,26 @@ def test_dequantization_stays_in_the_bin_and_test_data_is_dequantized():
     np.testing.assert_allclose(bpd, np.log2(17), rtol=1e-6)
 
 
+def test_repeats_of_the_test_split_redraw_only_the_dequantization():
+    """Repeat 0 is test_data; repeat r > 0 holds the same integer images k with fresh u (the repeats of a bits/dim
+    evaluation), the same draw every time it is asked for."""
+    ds = datasets.get_dataset(config("DIGITS"))
+    assert ds.test_split(0) is ds.test_data
+    first, again = ds.test_split(1), ds.test_split(1)
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(np.floor(first * 17), np.floor(ds.test_data * 17))
+    assert np.mean(first != ds.test_data) > 0.99 and not np.array_equal(first, ds.test_split(2))
+
+
+def test_the_sample_quality_reference_is_the_whole_test_split_at_bin_centres():
+    ds = datasets.get_dataset(config("DIGITS", num_test=8))
+    reference = ds.reference_data()
+    assert len(ds.test_data) == 8 and reference.shape == (300, 8, 8, 1)
+    k = np.floor(reference * 17)
+    np.testing.assert_allclose(reference, (k + 0.5) / 17, atol=1e-7)
+    np.testing.assert_array_equal(k[:8], np.floor(ds.test_data * 17))
+
+
 def test_batches_are_a_pure_function_of_step_and_cover_each_epoch_once():
     ds = datasets.get_dataset(config("DIGITS", batch_size=1497))   # one batch = one epoch
     again = datasets.get_dataset(config("DIGITS", batch_size=1497))
@@ -80,3 +100,38 @@ def test_wrong_image_size_and_unknown_name_say_what_to_set():
     c.data.dataset = "NOPE"
     with pytest.raises(ValueError, match="MNIST5K"):
         datasets.get_dataset(c)
+
+
+class CodedImages:
+    """A random-access source of n virtual 2x2x3 images whose pixels spell their own index (base 256 over the
+    channels); it logs every request, as a stand-in for a dataset too big for memory."""
+
+    def __init__(self, n):
+        self.n, self.requests = n, []
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, indices):
+        indices = np.asarray(indices)
+        self.requests.append(indices)
+        digits = np.stack([indices % 256, indices // 256 % 256, indices // 65536], axis=-1).astype(np.uint8)
+        return np.broadcast_to(digits[:, None, None, :], (len(indices), 2, 2, 3))
+
+
+def test_any_random_access_source_is_read_a_batch_at_a_time():
+    data = ml_collections.ConfigDict(dict(centered=False, uniform_dequantization=False, random_flip=False))
+    train, test = CodedImages(300_000), CodedImages(1000)
+    ds = datasets.ImageDataset(train, test, 256, data, seed=3, batch_size=16, num_test=40)
+    # test_data: the first 40 test images, asked for once.
+    assert [list(r) for r in test.requests] == [list(range(40))] and ds.test_data.shape == (40, 2, 2, 3)
+    for step in range(3):
+        batch = ds.train_batch(step)
+        index = np.round(batch[:, 0, 0] * 256 - 0.5).astype(np.int64) @ np.array([1, 256, 65536])
+        # The batch is the images of the indices asked for (the first request of this step, prefetched or not).
+        np.testing.assert_array_equal(index, train.requests[step])
+    # Only batches were fetched: one request of 16 per step (step 3's may be under way in the background), distinct
+    # indices within the epoch.
+    requests = list(train.requests)
+    assert len(requests) in (3, 4) and all(len(r) == 16 for r in requests)
+    assert len(np.unique(np.concatenate(requests))) == 16 * len(requests)

@@ -71,6 +71,24 @@ def test_bad_flags_and_config_values_give_one_line(tmp_path, args, fragments):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_summary_needs_no_workdir_and_prints_the_count():
+    """--mode=summary on the DDPM++ CIFAR-10 config: the reference's 61,804,419 parameters (yang-song/score_sde,
+    configs/vp/cifar10_ddpmpp_continuous.py; the tree is matched leaf by leaf in tests/test_models_images.py)."""
+    result = subprocess.run([sys.executable, "main.py", "--config=configs/vp/cifar10_ddpmpp_continuous.py",
+                             "--mode=summary"], cwd=ROOT, capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stderr[-2000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"model ncsnpp: 61,804,419 parameters; input \(32, 32, 3\) -> output \(32, 32, 3\); "
+                        r"\d+\.\d{3} GFLOP per example \(forward\)", last), last
+    assert float(last.split("; ")[-1].split()[0]) > 10  # ~20 GFLOP: a 62M-parameter U-Net at 32x32
+
+
+def test_train_without_workdir_gives_one_line():
+    result = subprocess.run([sys.executable, "main.py", f"--config={CONFIG}", "--mode=train"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=170)
+    assert_one_line_error(result, "--mode=train needs --workdir=")
+
+
 def test_unwritable_workdir_gives_one_line(tmp_path):
     """A path under a regular file cannot be created, even by root (chmod would not stop root)."""
     blocker = tmp_path / "a_file"

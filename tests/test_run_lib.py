@@ -16,6 +16,7 @@ import pytest
 
 import datasets
 import run_lib
+import sampling
 from configs.default_toy_configs import get_default_configs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -82,8 +83,7 @@ BAD_VALUES = [
     ("sampling.predictor", "heun", {}, r"config.sampling.predictor: unknown predictor 'heun'"),
     ("model.name", "unet", {}, r"unknown model 'unet'"),
     ("optim.optimizer", "sgd", {}, r"unknown optimizer 'sgd'"),
-    ("training.n_jitted_steps", 3, {}, r"config.training.n_iters = 8 must be a multiple of"),
-    ("eval.batch_size", 128, {}, r"config.eval.batch_size = 128 must not exceed config.eval.num_test = 64"),
+    ("training.n_jitted_steps", 3, {}, r"config.training.log_freq = 4 must be a multiple of"),
     ("model.sigma_max", 0.001, {"training.sde": "vesde"}, r"need 0 < sigma_min < sigma_max"),
 ]
 
@@ -170,11 +170,105 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoints(trained, tmp
 
 def test_sample_mode_writes_samples_and_plot(trained):
     samples = run_lib.sample(tiny_config(), str(trained))
-    saved = np.load(trained / "samples" / "samples_00000008.npz")
+    saved = np.load(trained / "samples" / "step_00000008" / "shard_00000.npz")
     np.testing.assert_array_equal(saved["samples"], samples)
     assert samples.shape == (64, 2) and np.isfinite(samples).all()
-    assert int(saved["nfe"]) == 25 and int(saved["step"]) == 8  # Euler-Maruyama, no corrector: N = 25 NFE
-    assert (trained / "samples" / "samples_00000008.png").stat().st_size > 10_000
+    assert int(saved["nfe"]) == 25  # Euler-Maruyama, no corrector: N = 25 NFE
+    assert (trained / "samples" / "step_00000008.png").stat().st_size > 10_000
+
+
+def test_shard_plan():
+    assert run_lib.shard_plan(64, 1024) == (64, 1)
+    assert run_lib.shard_plan(50_000, 1024) == (1024, 49)      # 50,176 drawn, the last 176 unused
+    assert run_lib.shard_plan(100, 25) == (25, 4)
+
+
+def test_sampling_in_shards_resumes_and_depends_only_on_seed_and_shard(trained, tmp_path, monkeypatch):
+    """70 samples in shards of 32 (3 shards, 96 drawn): shard k is the sampler's output for fold_in(key, k), so
+    the first two shards of a run asked for 64 samples are the same arrays. A rerun reads every finished shard
+    (the sampler is not called); a missing or truncated shard is drawn again, equal to the first draw."""
+    workdir = _copy(trained, tmp_path / "run")
+    config = tiny_config()
+    config.sampling.num_samples, config.sampling.shard_size = 70, 32
+    samples = run_lib.sample(config, str(workdir))
+    shards = sorted((workdir / "samples" / "step_00000008").iterdir())
+    assert [p.name for p in shards] == ["shard_00000.npz", "shard_00001.npz", "shard_00002.npz"]
+    assert samples.shape == (70, 2)
+    np.testing.assert_array_equal(samples, np.concatenate([np.load(p)["samples"] for p in shards])[:70])
+    assert not np.array_equal(samples[:32], samples[32:64])
+
+    config.sampling.num_samples = 64
+    fewer = run_lib.sample(config, str(_copy(trained, tmp_path / "fewer")))
+    np.testing.assert_array_equal(fewer, samples[:64])
+
+    shards[1].unlink()
+    shards[2].write_bytes(shards[2].read_bytes()[:100])     # a shard cut short (not a readable .npz)
+    calls = []
+    real = sampling.get_sampling_fn
+    monkeypatch.setattr(sampling, "get_sampling_fn", lambda *a: _counted(real(*a), calls))
+    config.sampling.num_samples = 70
+    np.testing.assert_array_equal(run_lib.sample(config, str(workdir)), samples)
+    assert len(calls) == 2                                  # shards 1 and 2 only
+    calls.clear()
+    run_lib.sample(config, str(workdir))
+    assert calls == [] and not list(workdir.rglob("*.partial.npz"))
+
+
+def _copy(source, target):
+    """A copy of a trained workdir without the samples and evaluations of other tests."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("samples", "eval"))
+    return target
+
+
+def _counted(fn, calls):
+    def counted(*args):
+        calls.append(1)
+        return fn(*args)
+    return counted
+
+
+def test_padded_batches_wrap_around_to_equal_sizes():
+    batches = run_lib._padded_batches(5, 2)
+    assert [b.tolist() for b in batches] == [[0, 1], [2, 3], [4, 0]]
+
+
+def _records(workdir):
+    return [json.loads(line) for line in (workdir / "eval" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_eval_resumes_from_its_saved_batches_and_reports_its_settings(trained, tmp_path, monkeypatch):
+    """64 test points in batches of 24 (3 solves, the last padded) x 2 repeats with Hutchinson probes: 6 files.
+    The repeats' probes differ (so do their NLLs); the reported NLL is the mean over examples of the repeats' mean.
+    A rerun reads every file (the ODE solver is not called) and reports the same numbers; a deleted file is
+    solved again to the same values."""
+    import likelihood
+
+    workdir = _copy(trained, tmp_path / "run")
+    config = tiny_config()
+    config.eval.batch_size, config.eval.bpd_repeats, config.eval.exact_divergence = 24, 2, False
+    run_lib.evaluate(config, str(workdir))
+    folder = workdir / "eval" / "step_00000008" / "nll"
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == [f"nll_r{r:03d}_b{b:05d}.npz" for r in range(2) for b in range(3)]
+    nll = np.array([np.concatenate([np.load(folder / f"nll_r{r:03d}_b{b:05d}.npz")["nll"] for b in range(3)])[:64]
+                    for r in range(2)])
+    assert not np.array_equal(nll[0], nll[1])                 # fresh probes (the tiny model is near-linear)
+    (record,) = _records(workdir)
+    assert record["test_nll"] == pytest.approx(nll.mean(), rel=1e-12)
+    assert record["test_nll_se"] == pytest.approx(nll.mean(axis=0).std(ddof=1) / 8, rel=1e-9)
+    assert (record["nll_examples"], record["nll_repeats"], record["nll_eps"], record["nll_rtol"]) == (
+        64, 2, config.eval.eps, config.eval.rtol)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a saved batch was solved again")
+
+    monkeypatch.setattr(likelihood, "log_likelihood", refuse)
+    run_lib.evaluate(config, str(workdir))
+    monkeypatch.undo()
+    (folder / "nll_r001_b00001.npz").unlink()
+    run_lib.evaluate(config, str(workdir))
+    first, *reruns = _records(workdir)
+    assert all(r["test_nll"] == first["test_nll"] for r in reruns)  # the re-solved batch: bit-identical
 
 
 def test_eval_checkpoint_selection(trained):
@@ -189,12 +283,51 @@ def test_eval_checkpoint_selection(trained):
         run_lib._eval_steps(config, managers)
 
 
+def test_n_iters_need_not_divide_into_fused_steps(tmp_path):
+    """As in the reference (n_iters 1,300,001 with 5 fused steps): training stops at the first multiple of
+    n_jitted_steps >= n_iters, and that last state is a permanent checkpoint."""
+    config = tiny_config()
+    config.training.n_jitted_steps, config.training.n_iters = 2, 7
+    run_lib.train(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["8"] and saved_arrays(tmp_path, 8)[-1] == 8
+
+
+def test_image_grid_places_and_scales_each_image():
+    """5 constant 2x3 images in (-1, 1) on a grid of ceil(√5) = 3 columns and 2 rows with 1-pixel white borders:
+    value v maps to round(255 (v + 1) / 2)."""
+    values = np.array([-1.0, -0.5, 0.0, 0.5, 1.0])
+    images = np.broadcast_to(values[:, None, None, None], (5, 2, 3, 1))
+    grid = run_lib.image_grid(images, (-1.0, 1.0), pad=1)
+    assert grid.shape == (2 * 3 + 1, 3 * 4 + 1, 1) and grid.dtype == np.uint8
+    for i, v in enumerate(values):
+        r, c = divmod(i, 3)
+        tile = grid[1 + 3 * r:3 + 3 * r, 1 + 4 * c:4 + 4 * c, 0]
+        assert tile.shape == (2, 3) and np.all(tile == round(255 * (v + 1) / 2))
+    assert np.all(grid[4:6, 9:12] == 255)  # the sixth, empty cell stays white
+    assert np.all(grid[0] == 255) and np.all(grid[:, 4] == 255)
+
+
+def test_summary_counts_every_parameter_and_the_matmul_flops():
+    """The MLP's forward FLOPs are 2 per multiply-add of its Dense kernels plus O(width) elementwise work; the
+    parameter count is the sum over the listed shapes (and equals the initialized tree's)."""
+    config = tiny_config()
+    s = run_lib.summary(config)
+    state = run_lib.Setup(config).initial_state
+    assert s["params"] == sum(x.size for x in jax.tree.leaves(state.params)) == sum(
+        int(np.prod(shape)) for shape in s["shapes"].values())
+    matmul = 2 * sum(int(np.prod(shape)) for path, shape in s["shapes"].items() if path.endswith("kernel"))
+    assert matmul <= s["flops_per_example"] < 1.2 * matmul
+    assert s["input_shape"] == s["output_shape"] == (2,)
+
+
 # --- Data parallelism. ---
 
 _DEVICE_RUN = """
 import json, sys, jax, ml_collections, run_lib
 config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
 run_lib.train(config, sys.argv[2])
+run_lib.sample(config, sys.argv[3])
+run_lib.evaluate(config, sys.argv[3])
 config.training.batch_size = 12
 try:
     run_lib.validate_config(config)
@@ -212,10 +345,12 @@ def test_eight_devices_give_the_one_device_loss_trajectory(tmp_path):
     t = config.training
     t.batch_size, t.n_iters, t.log_freq = 64, 12, 1
     config.eval.batch_size = 64
+    config.sampling.num_samples, config.sampling.shard_size = 80, 40
     run_lib.train(config, str(tmp_path / "one"))
+    shared = _copy(tmp_path / "one", tmp_path / "shared")     # sampled and evaluated on 8 devices
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", _DEVICE_RUN, config.to_json(), str(tmp_path / "eight")], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=170)
+    out = subprocess.run([sys.executable, "-c", _DEVICE_RUN, config.to_json(), str(tmp_path / "eight"),
+                          str(shared)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["devices"] == 8
@@ -228,6 +363,12 @@ def test_eight_devices_give_the_one_device_loss_trajectory(tmp_path):
     one, eight = losses("one"), losses("eight")
     assert len(one) == len(eight) == 12
     np.testing.assert_allclose(eight, one, rtol=1e-5)
+    # Sampling and evaluation of the same checkpoint with the batch split over 8 devices: the same numbers up to
+    # float rounding (the samples of a shard depend on its key, not on the devices).
+    np.testing.assert_allclose(np.load(shared / "samples" / "step_00000012" / "shard_00001.npz")["samples"],
+                               run_lib.sample(config, str(tmp_path / "one"))[40:], rtol=1e-5, atol=1e-5)
+    run_lib.evaluate(config, str(tmp_path / "one"))
+    assert _records(shared)[0]["test_nll"] == pytest.approx(_records(tmp_path / "one")[0]["test_nll"], rel=1e-5)
 
 
 # --- A short training run reaches the true density (SPEC §9). ---
