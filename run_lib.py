@@ -370,10 +370,11 @@ def save_scatter(path, samples, data, title):
     fig.savefig(path, dpi=100)
 
 
-def image_grid(images, data_range, pad=2):
-    """uint8 [rows·(H+pad)+pad, cols·(W+pad)+pad, C] tiling of images [N, H, W, C] (values in data_range, clipped)."""
+def image_grid(images, data_range, pad=2, cols=None):
+    """uint8 [rows·(H+pad)+pad, cols·(W+pad)+pad, C] tiling of images [N, H, W, C] (values in data_range, clipped),
+    row by row; cols defaults to ⌈√N⌉."""
     n, h, w, c = images.shape
-    cols = int(np.ceil(np.sqrt(n)))
+    cols = cols or int(np.ceil(np.sqrt(n)))
     rows = -(-n // cols)
     low, high = data_range
     pixels = np.clip(np.nan_to_num((images - low) / (high - low), nan=0.0), 0.0, 1.0)
@@ -384,11 +385,11 @@ def image_grid(images, data_range, pad=2):
     return grid
 
 
-def save_image_grid(path, samples, data_range, min_size=512):
+def save_image_grid(path, samples, data_range, min_size=512, cols=None):
     """A PNG grid of image samples, enlarged (nearest neighbour) to at least min_size pixels."""
     from PIL import Image
 
-    grid = image_grid(samples, data_range)
+    grid = image_grid(samples, data_range, cols=cols)
     scale = max(1, min_size // max(grid.shape[:2]))
     image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     image.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
@@ -812,7 +813,50 @@ def sample(config, workdir):
 _GRID_SIZE = 64  # images on the sample grid of --mode=sample
 
 
-# --- 10. Model summary: parameters, shapes and FLOPs without data or initialization. ---
+# --- 10. Inpainting (score-SDE paper, Appendix I) with a trained image model. ---
+
+# --mode=inpaint masks: name -> the known pixels [H, W] (True = kept, the rest is inpainted).
+INPAINT_MASKS = {
+    "right_half": lambda h, w: np.broadcast_to(np.arange(w) < w // 2, (h, w)),
+    "bottom_half": lambda h, w: np.broadcast_to((np.arange(h) < h // 2)[:, None], (h, w)),
+    "centre": lambda h, w: ~(np.abs(np.arange(h)[:, None] - h / 2 + 0.5) < h / 4)
+                           | ~(np.abs(np.arange(w)[None, :] - w / 2 + 0.5) < w / 4),
+}
+
+
+def inpaint(config, workdir, mask_name="right_half", n_images=8, n_draws=4):
+    """Fills the hidden part (INPAINT_MASKS[mask_name]) of the first n_images test images n_draws times from the
+    newest checkpoint's EMA parameters: sampling.inpaint with config.sampling's predictor, corrector and snr on
+    config.model.num_scales steps. Writes workdir/samples/inpaint_<mask>_step_<step>.png, one row per image: the
+    original, the input (hidden pixels at mid-range), the n_draws inpaintings. Returns them [n_images, n_draws, ...]."""
+    validate_config(config)
+    _require(mask_name in INPAINT_MASKS, f"unknown inpainting mask {mask_name!r}; choose one of "
+                                         f"{sorted(INPAINT_MASKS)}")
+    _require_checkpoints(workdir)
+    setup = Setup(config)
+    _require(len(setup.dataset.shape) == 3, f"inpainting needs image data; {config.data.dataset!r} is not images")
+    state, step = restore_latest(workdir, config, setup)
+    images = setup.dataset.test_data[:n_images]
+    h, w, _ = setup.dataset.shape
+    known = INPAINT_MASKS[mask_name](h, w)[None, :, :, None]
+    data = np.repeat(images, n_draws, axis=0)
+    s = config.sampling
+    x, nfe = sampling.inpaint(jax.random.fold_in(setup.rngs["sample"], step), setup.sde,
+                              setup.score_fn(state.ema_params), data, np.broadcast_to(known, data.shape),
+                              predictor=s.predictor, corrector=s.corrector, snr=s.snr, n_steps=s.n_steps_each,
+                              denoise=s.noise_removal, eps=s.eps)
+    x = to_host(x).reshape((n_images, n_draws) + images.shape[1:])
+    masked = np.where(known, images, np.mean(setup.dataset.data_range))
+    rows = np.concatenate([images[:, None], masked[:, None], x], axis=1)
+    directory = ensure_writable(os.path.join(workdir, "samples"))
+    path = os.path.join(directory, f"inpaint_{mask_name}_step_{step:08d}.png")
+    save_image_grid(path, rows.reshape((-1,) + images.shape[1:]), setup.dataset.data_range, cols=n_draws + 2)
+    logging.info("inpainted %d test images x %d draws (%d NFE each) from the step-%d checkpoint: %s", n_images,
+                 n_draws, nfe, step, path)
+    return x
+
+
+# --- 11. Model summary: parameters, shapes and FLOPs without data or initialization. ---
 
 def input_shape(config):
     """The shape of one example: (image_size, image_size, num_channels) for images, (dim,) otherwise."""

@@ -1,6 +1,7 @@
 """Sample quality against score evaluations (NFE) on Gaussian-mixture oracles with the exact score (SPEC §2, §7, §9).
 
     python benchmarks/samplers.py [--n 10000] [--sde vpsde] [--cases 2d,16d] [--seed 0]
+    python benchmarks/samplers.py --cases demo [--demo_workdir runs/demo] [--demo_n 256] [--demo_pc1000]
 
 Cases: "2d", the eight-Gaussians mixture of datasets.py (8 modes, std 0.35, radius 2.83); "16d", a fixed random
 16-D mixture of 6 components with full covariances. The score is the exact ∇ log p_t of the mixture (SPEC §9), so
@@ -25,8 +26,16 @@ Target: PC (1000 steps, 2000 NFE) quality at ≤ 35 NFE. "Met" by a sampler with
 2 standard errors of the difference from PC's and whose sw2 is at most PC's + 2 s.d. of the true-vs-true floor (the
 spread of sw2 over 4 independent pairs of true sets). The last lines name the samplers at ≤ 35 NFE that meet it.
 
-Result (2 CPU cores, VP SDE, n = 10 000, seed 0; about 2.5 min with compilation): see the report of issue 5 /
-the project's README table; rerun the command to reproduce it.
+Case "demo": the trained demo model (`make demo`: configs/demo/mnist_ddpmpp.py, --demo_workdir) with the MNIST5K
+digit classifier (--classifier), quality = Fréchet / kernel classifier distance and classifier score of
+--demo_n samples against the 500 test digits (evaluation.sample_quality_evaluator, as --mode=eval reports them);
+the "data" line scores --demo_n training digits instead of samples (the floor of these statistics at this n).
+The baseline is the demo's own sampler (reverse diffusion, 200 steps, no corrector); --demo_pc1000 adds PC with
+1000 steps and a Langevin corrector (2000 NFE: about 15 minutes on 2 cores for 256 samples).
+
+Result (2 CPU cores, VP SDE, n = 10 000, seed 0, 82 s): the target is met on both oracles, by the midpoint
+method on 17 uniform steps (34 NFE) on both, and on "2d" also by Euler on 35 uniform steps and Heun / midpoint
+on 17 EDM steps; the full table is in the README.
 """
 import argparse
 import os
@@ -172,16 +181,73 @@ def report_target(case, results, floor_sd):
           flush=True)
 
 
+# --- The demo model (images): classifier distances of its samples. ---
+
+def demo_samplers(args):
+    """(label, sde steps N, sampling.sample kwargs) on the demo model; every sampler ends with the noise-free
+    denoising step, as the demo config's sampling.noise_removal asks (one more NFE for the ODE samplers)."""
+    table = [("demo-pc-200", 200, dict(method="pc", predictor="reverse_diffusion", corrector="none"))]
+    if args.demo_pc1000:
+        table.append(("pc-1000", 1000, dict(method="pc", predictor="reverse_diffusion", corrector="langevin",
+                                            snr=0.16)))
+    table += [("em-100", 100, dict(method="euler"))]
+    table += [(f"ode-{solver}-{schedule}-{n}", 1000, dict(method="ode", solver=solver, schedule=schedule,
+                                                           n_steps=n, denoise=True))
+              for solver, schedule, n in (("heun", "edm", 9), ("heun", "edm", 17), ("heun", "edm", 30),
+                                          ("midpoint", "uniform", 17), ("midpoint", "edm", 17),
+                                          ("euler", "edm", 35))]
+    table += [(f"ode-tsit5-{tol:g}", 1000, dict(method="ode", solver="tsit5", rtol=tol, atol=tol, denoise=True))
+              for tol in (1e-2, 1e-3)]
+    return table
+
+
+def run_demo(args):
+    import run_lib  # noqa: E402
+    import evaluation  # noqa: E402
+    from configs.demo import mnist_ddpmpp  # noqa: E402
+
+    config = mnist_ddpmpp.get_config()
+    config.eval.classifier_weights = args.classifier
+    setup = run_lib.Setup(config)
+    state, step = run_lib.restore_latest(args.demo_workdir, config, setup)
+    score_fn = setup.score_fn(state.ema_params)
+    dataset = setup.dataset
+    score = evaluation.sample_quality_evaluator(config, dataset.data_range, dataset.levels)
+    reference = [dataset.reference_data()]
+    rng = jax.random.PRNGKey(args.seed)
+
+    def line(label, nfe, x, seconds):
+        m = dict(score(jax.random.fold_in(rng, 1), [np.asarray(x)], reference))
+        print(f"samplers demo {label:24s} nfe {nfe:5d} | fcd {m['fcd']:7.3f} | kcd {m['kcd']:+.4f} ± "
+              f"{m['kcd_se']:.4f} | classifier score {m['classifier_score']:.2f} | {seconds:6.1f} s", flush=True)
+
+    train = dataset.to_float(dataset.train_levels, 0.5)
+    print(f"samplers demo: checkpoint step {step} of {args.demo_workdir}, n = {args.demo_n}", flush=True)
+    line("data (training digits)", 0, train[np.random.default_rng(args.seed).choice(len(train), args.demo_n,
+                                                                                   replace=False)], 0.0)
+    shape = (args.demo_n,) + dataset.shape
+    for label, n, kwargs in demo_samplers(args):
+        sde = sde_lib.VPSDE(beta_min=config.model.beta_min, beta_max=config.model.beta_max, N=n)
+        start = time.perf_counter()
+        x, nfe = sampling.sample(jax.random.fold_in(rng, 2), sde, score_fn, shape, eps=config.sampling.eps, **kwargs)
+        x = jax.block_until_ready(x)
+        line(label, int(nfe), x, time.perf_counter() - start)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=10_000, help="samples per sampler")
     parser.add_argument("--sde", default="vpsde", choices=sorted(_SDES))
-    parser.add_argument("--cases", default="2d,16d", help=f"comma-separated, of {sorted(_CASES)}")
+    parser.add_argument("--cases", default="2d,16d", help=f"comma-separated, of {sorted(_CASES) + ['demo']}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--demo_workdir", default="runs/demo", help="case demo: the trained demo's workdir")
+    parser.add_argument("--classifier", default="runs/classifiers/mnist5k.msgpack", help="case demo: weights")
+    parser.add_argument("--demo_n", type=int, default=256, help="case demo: samples per sampler")
+    parser.add_argument("--demo_pc1000", action="store_true", help="case demo: add PC with 1000 steps")
     args = parser.parse_args()
     start = time.perf_counter()
     for case in args.cases.split(","):
-        run_case(case, args)
+        run_demo(args) if case == "demo" else run_case(case, args)
     print(f"samplers total {time.perf_counter() - start:.0f} s", flush=True)
 
 
