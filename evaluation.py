@@ -387,6 +387,9 @@ def classifier_extractor(config, levels=None):
         raise ValueError("the classifier metrics need --config.eval.classifier_weights: train them with "
                          f"python scripts/train_digit_classifier.py --dataset={config.data.dataset} --output=PATH")
     module, params, meta = digit_classifier.load_classifier(path)
+    if module.noise_conditional:
+        raise ValueError(f"classifier {path} is time-dependent (trained with --noise_config, for "
+                         "--mode=class_conditional); the sample-quality metrics need one trained without it")
     shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
     if meta["image_shape"] != shape or (levels is not None and int(meta["levels"]) != levels):
         raise ValueError(f"classifier {path} was trained on {meta['dataset']} ({meta['image_shape']} images of "

@@ -4,6 +4,8 @@
     python main.py --config=configs/toy/vp_gmm.py --workdir=runs/vp_gmm --mode=eval
     python main.py --config=configs/toy/vp_gmm.py --workdir=runs/vp_gmm --mode=sample --config.sampling.method=ode
     python main.py --config=configs/demo/mnist_ddpmpp.py --workdir=runs/demo --mode=inpaint --inpaint_mask=centre
+    python main.py --config=configs/demo/mnist_ddpmpp.py --workdir=runs/demo --mode=class_conditional
+        --classifier=runs/classifiers/mnist5k_noisy.msgpack --class_scale=3
     python main.py --config=configs/vp/cifar10_ddpmpp_continuous.py --mode=summary
 
 `--config.<section>.<field>=value` overrides any config field (ml_collections rejects unknown fields and wrong
@@ -20,11 +22,15 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and evaluation results.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "inpaint", "summary"], "train: train (resumes "
-                  "from --workdir); eval: evaluate checkpoints; sample: draw samples from the newest checkpoint; "
-                  "inpaint: fill the --inpaint_mask part of test images (image models); summary: print the model's "
-                  "parameter shapes, count and FLOPs per example (needs no --workdir).")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "inpaint", "class_conditional", "summary"],
+                  "train: train (resumes from --workdir); eval: evaluate checkpoints; sample: draw samples from the "
+                  "newest checkpoint; inpaint: fill the --inpaint_mask part of test images; class_conditional: "
+                  "samples of each class with the --classifier; summary: print the model's parameter shapes, count "
+                  "and FLOPs per example (needs no --workdir).")
 flags.DEFINE_string("inpaint_mask", "right_half", "--mode=inpaint: right_half | bottom_half | centre (hidden).")
+flags.DEFINE_string("classifier", None, "--mode=class_conditional: a time-dependent classifier "
+                    "(scripts/train_digit_classifier.py --noise_config=<the config file>).")
+flags.DEFINE_float("class_scale", 1.0, "--mode=class_conditional: the classifier gradient's scale (1 = exact).")
 flags.DEFINE_string("eval_folder", "eval", "Subdirectory of --workdir for --mode=eval results.")
 flags.mark_flags_as_required(["config"])
 
@@ -77,6 +83,8 @@ def main(argv):
         "eval": lambda: run_lib.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.eval_folder),
         "sample": lambda: run_lib.sample(FLAGS.config, FLAGS.workdir),
         "inpaint": lambda: run_lib.inpaint(FLAGS.config, FLAGS.workdir, FLAGS.inpaint_mask),
+        "class_conditional": lambda: run_lib.class_conditional(FLAGS.config, FLAGS.workdir, FLAGS.classifier,
+                                                               FLAGS.class_scale),
         "summary": lambda: run_lib.print_summary(FLAGS.config),
     }
     logging.set_verbosity(logging.INFO)

@@ -37,6 +37,7 @@ import losses
 import models
 import sampling
 import sde_lib
+from models import digit_classifier
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -813,7 +814,7 @@ def sample(config, workdir):
 _GRID_SIZE = 64  # images on the sample grid of --mode=sample
 
 
-# --- 10. Inpainting (score-SDE paper, Appendix I) with a trained image model. ---
+# --- 10. Controllable generation (score-SDE paper, Appendix I) with a trained image model. ---
 
 # --mode=inpaint masks: name -> the known pixels [H, W] (True = kept, the rest is inpainted).
 INPAINT_MASKS = {
@@ -854,6 +855,59 @@ def inpaint(config, workdir, mask_name="right_half", n_images=8, n_draws=4):
     logging.info("inpainted %d test images x %d draws (%d NFE each) from the step-%d checkpoint: %s", n_images,
                  n_draws, nfe, step, path)
     return x
+
+
+def class_conditional(config, workdir, classifier_path, scale=1.0, per_class=8):
+    """per_class samples of each class from the newest checkpoint, by the conditional score s(x, t) + scale ∇x log
+    p_t(y | x) with the time-dependent classifier of `classifier_path` (scripts/train_digit_classifier.py
+    --noise_config; score-SDE paper, Appendix I) and config.sampling's sampler. Writes one row per class to
+    workdir/samples/class_conditional_step_<step>.png; with config.eval.classifier_weights present, logs how often
+    that (clean) classifier agrees with the requested class. Returns (samples [classes, per_class, ...], agreement
+    or None)."""
+    validate_config(config)
+    _require(classifier_path, "--mode=class_conditional needs --classifier=<a time-dependent classifier of "
+                              "scripts/train_digit_classifier.py --noise_config>")
+    _require_checkpoints(workdir)
+    module, params, meta = digit_classifier.load_classifier(classifier_path)
+    setup = Setup(config)
+    _require(module.noise_conditional and meta["image_shape"] == setup.dataset.shape
+             and meta.get("sde") == config.training.sde.lower() and meta.get("centered") == config.data.centered,
+             f"classifier {classifier_path} is not a time-dependent classifier of this config's images, SDE and data "
+             f"range; train one with python scripts/train_digit_classifier.py --dataset={config.data.dataset} "
+             f"--noise_config=<this config file> --output={classifier_path}")
+    state, step = restore_latest(workdir, config, setup)
+
+    def log_prob(x, t, y):
+        logits = module.apply({"params": params}, x, t)["logits"]
+        return jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1)[:, 0]
+
+    labels = jnp.repeat(jnp.arange(module.num_classes), per_class)
+    score_fn = sampling.conditional_score_fn(setup.score_fn(state.ema_params), sampling.classifier_grad_fn(log_prob),
+                                             labels, scale)
+    shape = (len(labels),) + setup.dataset.shape
+    x, nfe = sampling.get_sampling_fn(config, setup.sde, shape)(jax.random.fold_in(setup.rngs["sample"], step),
+                                                                 score_fn)
+    x = to_host(x)
+    directory = ensure_writable(os.path.join(workdir, "samples"))
+    path = os.path.join(directory, f"class_conditional_step_{step:08d}.png")
+    save_image_grid(path, x, setup.dataset.data_range, cols=per_class)
+    agreement = None
+    if config.eval.get("classifier_weights") and os.path.isfile(config.eval.classifier_weights):
+        (extractor,) = evaluation.get_feature_extractors(_with_features(config, "classifier"), setup.dataset.levels)
+        _, logits = extractor.apply(evaluation.to_unit_range(x, setup.dataset.data_range, setup.dataset.levels))
+        agreement = float(np.mean(np.argmax(logits, axis=1) == np.asarray(labels)))
+        logging.info("the clean classifier %s agrees with the requested class on %.1f%% of the samples",
+                     config.eval.classifier_weights, 100 * agreement)
+    logging.info("%d samples per class (scale %g, %d NFE) of the step-%d checkpoint: %s", per_class, scale, nfe,
+                 step, path)
+    return x.reshape((module.num_classes, per_class) + setup.dataset.shape), agreement
+
+
+def _with_features(config, features):
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        config.eval.sample_quality_features = features
+    return config
 
 
 # --- 11. Model summary: parameters, shapes and FLOPs without data or initialization. ---

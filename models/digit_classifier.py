@@ -8,7 +8,8 @@ seconds (DIGITS) to minutes (28x28 sets) with scripts/train_digit_classifier.py.
 Input: images [B, H, W, C] in [0, 1] (the integer image k shown as k / (levels - 1), like a saved PNG).
 Output: {"features": [B, feature_dim] (after ReLU, like Inception's pool_3), "logits": [B, num_classes]}.
 Weights file (msgpack, flax.serialization): {"params": the flax params, "meta": {"dataset", "image_shape",
-"num_classes", "width", "feature_dim", "levels", "test_accuracy", "seed", "steps"}}.
+"num_classes", "width", "feature_dim", "levels", "test_accuracy", "seed", "steps"} and, for a noise-conditional
+classifier, "noise_conditional", "sde", "centered" (the data range it saw) and "test_accuracy_t05"}.
 """
 import functools
 import os
@@ -19,19 +20,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import layers
+
 
 class DigitClassifier(nn.Module):
     """Three 3x3 convolutions (width, then 2·width twice, after a 2x2 average pool), a global average, a dense
-    feature layer and the class logits."""
+    feature layer and the class logits.
+
+    noise_conditional: the time-dependent classifier p_t(y | x_t) of class-conditional sampling (score-SDE paper,
+    Appendix I): the input is a diffused sample x_t as the score model sees it (data space, not [0, 1]) and t [B]
+    enters through a sinusoidal embedding of 999 t added to the first convolution's channels.
+    """
 
     num_classes: int = 10
     width: int = 32
     feature_dim: int = 128
+    noise_conditional: bool = False
 
     @nn.compact
-    def __call__(self, images):
-        x = 2.0 * images - 1.0
-        x = nn.relu(nn.Conv(self.width, (3, 3), name="conv0")(x))
+    def __call__(self, images, t=None):
+        if self.noise_conditional:
+            x = nn.Conv(self.width, (3, 3), name="conv0")(images)
+            embedding = layers.sinusoidal_embedding(999.0 * t, self.width)
+            x = nn.relu(x + nn.Dense(self.width, name="time")(embedding)[:, None, None, :])
+        else:
+            x = nn.relu(nn.Conv(self.width, (3, 3), name="conv0")(2.0 * images - 1.0))
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
         x = nn.relu(nn.Conv(2 * self.width, (3, 3), name="conv1")(x))
         x = nn.relu(nn.Conv(2 * self.width, (3, 3), name="conv2")(x))
@@ -40,9 +53,9 @@ class DigitClassifier(nn.Module):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def classify(module, params, images):
-    """module.apply({"params": params}, images), compiled once per module configuration and batch shape."""
-    return module.apply({"params": params}, images)
+def classify(module, params, images, t=None):
+    """module.apply({"params": params}, images[, t]), compiled once per module configuration and batch shape."""
+    return module.apply({"params": params}, images, t)
 
 
 _META_KEYS = ("dataset", "image_shape", "num_classes", "width", "feature_dim", "levels", "test_accuracy", "seed",
@@ -76,6 +89,7 @@ def load_classifier(path):
     if not isinstance(state, dict) or set(state) != {"params", "meta"}:
         raise ValueError(f"{path} is not a classifier file of scripts/train_digit_classifier.py")
     meta = state["meta"]
-    module = DigitClassifier(int(meta["num_classes"]), int(meta["width"]), int(meta["feature_dim"]))
+    module = DigitClassifier(int(meta["num_classes"]), int(meta["width"]), int(meta["feature_dim"]),
+                             bool(meta.get("noise_conditional", False)))
     meta = dict(meta, image_shape=tuple(int(s) for s in np.asarray(meta["image_shape"]).ravel()))
     return module, state["params"], meta

@@ -29,6 +29,7 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
+import sde_lib  # noqa: E402
 from models import digit_classifier  # noqa: E402
 
 
@@ -92,8 +93,8 @@ def unit_images(k, levels):
 
 # --- Training. ---
 
-def _loss(module, params, images, labels):
-    logits = module.apply({"params": params}, images)["logits"]
+def _loss(module, params, images, labels, t):
+    logits = module.apply({"params": params}, images, t)["logits"]
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
@@ -110,7 +111,8 @@ def _batch_indices(seed, step, batch_size, n):
 def init_params(module, image_shape, seed):
     """LeCun-normal kernels (variance 1 / fan-in) and zero biases drawn with numpy from the seed: the same
     initialization as flax's default without its truncation, and no compiled random kernels for each shape."""
-    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, *image_shape), jnp.float32))
+    t = jnp.zeros((1,), jnp.float32) if module.noise_conditional else None
+    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, *image_shape), jnp.float32), t)
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
@@ -128,8 +130,8 @@ def _step_fn(module, learning_rate):
     optimizer = optax.adam(learning_rate)
 
     @jax.jit
-    def step(params, opt_state, images, labels):
-        loss, grads = jax.value_and_grad(lambda p: _loss(module, p, images, labels))(params)
+    def step(params, opt_state, images, labels, t=None):
+        loss, grads = jax.value_and_grad(lambda p: _loss(module, p, images, labels, t))(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -151,22 +153,68 @@ def train(split, seed=0, steps=600, batch_size=64, learning_rate=3e-3, width=32,
     return module, params
 
 
-def accuracy(module, params, images, labels, batch_size=500):
-    """The fraction of images whose largest logit is their label."""
-    predicted = [np.argmax(digit_classifier.classify(module, params, images[i:i + batch_size])["logits"], axis=-1)
-                 for i in range(0, len(images), batch_size)]
+def accuracy(module, params, images, labels, batch_size=500, t=None):
+    """The fraction of images whose largest logit is their label (images diffused to times t [N] if given)."""
+    batches = range(0, len(images), batch_size)
+    predicted = [np.argmax(digit_classifier.classify(module, params, images[i:i + batch_size],
+                                                     None if t is None else t[i:i + batch_size])["logits"], axis=-1)
+                 for i in batches]
     return float(np.mean(np.concatenate(predicted) == labels))
 
 
-def train_and_save(dataset, output, seed=0, steps=600, batch_size=64, learning_rate=3e-3):
-    """Trains the classifier of `dataset`, measures its test accuracy and writes weights and metadata to
-    `output` (models/digit_classifier.save_classifier); returns the metadata."""
+# --- The time-dependent classifier p_t(y | x_t) of class-conditional sampling (score-SDE paper, Appendix I). ---
+
+def diffused(sde, k, levels, data_range, seed, key, t=None):
+    """(x_t, t) for integer images k: dequantized x_0 = a (k + u)/K + b in data_range (as datasets.ImageDataset),
+    t ~ U[eps, T] with eps = 1e-5 unless given (a number), x_t ~ N(m(t) x_0, σ_t² I); all noise from
+    np.random.default_rng([seed, *key])."""
+    rng = np.random.default_rng([seed, *key])
+    low, high = data_range
+    x0 = (high - low) * (k.astype(np.float32) + rng.random(k.shape, np.float32)) / levels + low
+    t = rng.uniform(1e-5, sde.T, len(k)) if t is None else np.full(len(k), t)
+    t = t.astype(np.float32)
+    z = rng.standard_normal(k.shape).astype(np.float32)
+    mean, std = sde.marginal_prob(jnp.asarray(x0), jnp.asarray(t))
+    return np.asarray(mean + std[:, None, None, None] * z), t
+
+
+def train_noise_conditional(split, config, seed=0, steps=3000, batch_size=64, learning_rate=3e-3, width=32,
+                            feature_dim=128):
+    """(module, params): the classifier trained on x_t of config's SDE and data range (cross-entropy at uniform t)."""
+    module = digit_classifier.DigitClassifier(int(split.train_labels.max()) + 1, width, feature_dim, True)
+    sde, data_range = sde_lib.get_sde(config), ((-1.0, 1.0) if config.data.centered else (0.0, 1.0))
+    params = init_params(module, split.train_images.shape[1:], seed)
+    optimizer, step_fn = _step_fn(module, learning_rate)
+    opt_state = optimizer.init(params)
+    for step in range(steps):
+        idx = _batch_indices(seed, step, batch_size, len(split.train_images))
+        x, t = diffused(sde, split.train_images[idx], split.levels, data_range, seed, (1, step))
+        params, opt_state, loss = step_fn(params, opt_state, x, split.train_labels[idx], t)
+        if (step + 1) % 200 == 0:
+            logging.info("step %d: loss %.4f", step + 1, float(loss))
+    return module, params
+
+
+def train_and_save(dataset, output, seed=0, steps=600, batch_size=64, learning_rate=3e-3, noise_config=None):
+    """Trains the classifier of `dataset` (the time-dependent one for noise_config's SDE and data range when given),
+    measures its test accuracy (noise-conditional: at t = 1e-5, and at t = 0.5 as test_accuracy_t05) and writes
+    weights and metadata to `output` (models/digit_classifier.save_classifier); returns the metadata."""
     split = load_labelled(dataset)
-    module, params = train(split, seed, steps, batch_size, learning_rate)
-    test_accuracy = accuracy(module, params, unit_images(split.test_images, split.levels), split.test_labels)
-    meta = {"dataset": dataset, "image_shape": split.train_images.shape[1:], "num_classes": module.num_classes,
-            "width": module.width, "feature_dim": module.feature_dim, "levels": split.levels,
-            "test_accuracy": test_accuracy, "seed": seed, "steps": steps}
+    meta = {"dataset": dataset, "image_shape": split.train_images.shape[1:], "levels": split.levels, "seed": seed,
+            "steps": steps}
+    if noise_config is None:
+        module, params = train(split, seed, steps, batch_size, learning_rate)
+        meta["test_accuracy"] = accuracy(module, params, unit_images(split.test_images, split.levels),
+                                         split.test_labels)
+    else:
+        module, params = train_noise_conditional(split, noise_config, seed, steps, batch_size, learning_rate)
+        sde, centered = sde_lib.get_sde(noise_config), bool(noise_config.data.centered)
+        for name, t in (("test_accuracy", 1e-5), ("test_accuracy_t05", 0.5)):
+            x, ts = diffused(sde, split.test_images, split.levels, (-1.0, 1.0) if centered else (0.0, 1.0), seed,
+                             (2,), t)
+            meta[name] = accuracy(module, params, x, split.test_labels, t=ts)
+        meta.update(noise_conditional=True, sde=noise_config.training.sde.lower(), centered=centered)
+    meta.update(num_classes=module.num_classes, width=module.width, feature_dim=module.feature_dim)
     digit_classifier.save_classifier(output, params, meta)
     return meta
 
@@ -178,14 +226,23 @@ flags.DEFINE_integer("seed", 0, "Initialization and batch-order seed.")
 flags.DEFINE_integer("steps", 600, "Adam steps.")
 flags.DEFINE_integer("batch_size", 64, "Examples per step.")
 flags.DEFINE_float("learning_rate", 3e-3, "Adam learning rate.")
+flags.DEFINE_string("noise_config", None, "A config file: train the time-dependent classifier p_t(y | x_t) of "
+                    "class-conditional sampling on x_t of its SDE and data range (main.py --mode=class_conditional).")
 flags.mark_flag_as_required("output")
 
 
 def main(argv):
     del argv
+    noise_config = None
+    if FLAGS.noise_config:
+        spec = importlib.util.spec_from_file_location("noise_config", FLAGS.noise_config)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        noise_config = module.get_config()
     meta = train_and_save(FLAGS.dataset, FLAGS.output, FLAGS.seed, FLAGS.steps, FLAGS.batch_size,
-                          FLAGS.learning_rate)
-    print(f"{FLAGS.dataset}: test accuracy {meta['test_accuracy']:.4f} after {FLAGS.steps} steps; weights "
+                          FLAGS.learning_rate, noise_config)
+    noisy = f" (at t = 0.5: {meta['test_accuracy_t05']:.4f})" if noise_config is not None else ""
+    print(f"{FLAGS.dataset}: test accuracy {meta['test_accuracy']:.4f}{noisy} after {FLAGS.steps} steps; weights "
           f"written to {FLAGS.output}")
 
 

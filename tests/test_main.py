@@ -62,6 +62,8 @@ BAD_COMMANDS = [
     ("eps above T", ["--config.training.eps=1.5"], ["config.training.eps must lie in (0, T) = (0, 1.0), got 1.5"]),
     ("eps zero", ["--config.sampling.eps=0.0"], ["config.sampling.eps must lie in (0, T)"]),
     ("bad mode", ["--mode=fit"], ["--mode=fit", "train|eval|sample"]),
+    ("no classifier", ["--mode=class_conditional"], ["--mode=class_conditional needs --classifier="]),
+    ("bad inpainting mask", ["--mode=inpaint", "--inpaint_mask=left"], ["unknown inpainting mask 'left'"]),
 ]
 
 
