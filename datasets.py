@@ -274,6 +274,27 @@ def _mnist5k():
     return (*_fixed_split(images, 500), 256)
 
 
+def _photo_patches(size=32, stride=8, block=160):
+    """Colour patches of scikit-learn's two sample photographs (china.jpg and flower.jpg, 427x640 RGB, in its
+    wheel), 256 levels: size x size windows every `stride` pixels. Each photo is cut into vertical blocks of `block`
+    columns; a block's last `size` columns give the test windows, the columns left of them the training windows:
+    5,200 train / 400 test from the whole height of both photos, no test pixel in training. The embedded colour
+    set (colorization)."""
+    from sklearn.datasets import load_sample_images
+
+    def windows(photo, first, end):
+        """The windows whose columns lie in [first, end)."""
+        return [photo[r:r + size, c:c + size] for r in range(0, photo.shape[0] - size + 1, stride)
+                for c in range(first, end - size + 1, stride)]
+
+    train, test = [], []
+    for photo in load_sample_images().images:
+        for start in range(0, photo.shape[1] - block + 1, block):
+            train += windows(photo, start, start + block - size)
+            test += windows(photo, start + block - size, start + block)
+    return np.stack(train).astype(np.uint8), np.stack(test).astype(np.uint8), 256
+
+
 # idx type codes (the third byte of the magic number) and their big-endian numpy types.
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -313,7 +334,8 @@ def _fashion_mnist_debian():
 
 
 # Embedded sets: the integer images ship with an installed package; (train, test, levels) in memory.
-IMAGE_DATASETS = {"DIGITS": _digits, "MNIST5K": _mnist5k, "FASHION_MNIST_DEBIAN": _fashion_mnist_debian}
+IMAGE_DATASETS = {"DIGITS": _digits, "MNIST5K": _mnist5k, "FASHION_MNIST_DEBIAN": _fashion_mnist_debian,
+                  "PHOTO_PATCHES": _photo_patches}
 
 
 # --- Image sets of tensorflow-datasets, read without TensorFlow. scripts/prepare_dataset.py prepares a set once

@@ -27,7 +27,8 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "inpaint", "class
                   "newest checkpoint; inpaint: fill the --inpaint_mask part of test images; class_conditional: "
                   "samples of each class with the --classifier; summary: print the model's parameter shapes, count "
                   "and FLOPs per example (needs no --workdir).")
-flags.DEFINE_string("inpaint_mask", "right_half", "--mode=inpaint: right_half | bottom_half | centre (hidden).")
+flags.DEFINE_string("inpaint_mask", "right_half", "--mode=inpaint: right_half | bottom_half | centre (the hidden "
+                    "pixels), or colour (colorization of RGB images: the grey level is known).")
 flags.DEFINE_string("classifier", None, "--mode=class_conditional: a time-dependent classifier "
                     "(scripts/train_digit_classifier.py --noise_config=<the config file>).")
 flags.DEFINE_float("class_scale", 1.0, "--mode=class_conditional: the classifier gradient's scale (1 = exact).")

@@ -816,44 +816,54 @@ _GRID_SIZE = 64  # images on the sample grid of --mode=sample
 
 # --- 10. Controllable generation (score-SDE paper, Appendix I) with a trained image model. ---
 
-# --mode=inpaint masks: name -> the known pixels [H, W] (True = kept, the rest is inpainted).
+# --mode=inpaint conditions: name -> (known(h, w, c) -> bool [H, W, C], True = kept, in the latent space x M of
+# the transform M; M, None for the pixels themselves). "colour" is the score-SDE paper's colorization: the first
+# coordinate of the decorrelated colour space, the grey level, is known; the two colour coordinates are drawn.
 INPAINT_MASKS = {
-    "right_half": lambda h, w: np.broadcast_to(np.arange(w) < w // 2, (h, w)),
-    "bottom_half": lambda h, w: np.broadcast_to((np.arange(h) < h // 2)[:, None], (h, w)),
-    "centre": lambda h, w: ~(np.abs(np.arange(h)[:, None] - h / 2 + 0.5) < h / 4)
-                           | ~(np.abs(np.arange(w)[None, :] - w / 2 + 0.5) < w / 4),
+    "right_half": (lambda h, w, c: np.broadcast_to((np.arange(w) < w // 2)[None, :, None], (h, w, c)), None),
+    "bottom_half": (lambda h, w, c: np.broadcast_to((np.arange(h) < h // 2)[:, None, None], (h, w, c)), None),
+    "centre": (lambda h, w, c: np.broadcast_to((~(np.abs(np.arange(h)[:, None] - h / 2 + 0.5) < h / 4)
+                                                | ~(np.abs(np.arange(w)[None, :] - w / 2 + 0.5) < w / 4))[..., None],
+                                               (h, w, c)), None),
+    "colour": (lambda h, w, c: np.broadcast_to(np.arange(c) == 0, (h, w, c)), sampling.COLOR_DECORRELATION),
 }
 
 
 def inpaint(config, workdir, mask_name="right_half", n_images=8, n_draws=4):
-    """Fills the hidden part (INPAINT_MASKS[mask_name]) of the first n_images test images n_draws times from the
-    newest checkpoint's EMA parameters: sampling.inpaint with config.sampling's predictor, corrector and snr on
-    config.model.num_scales steps. Writes workdir/samples/inpaint_<mask>_step_<step>.png, one row per image: the
-    original, the input (hidden pixels at mid-range), the n_draws inpaintings. Returns them [n_images, n_draws, ...]."""
+    """Fills the hidden part (INPAINT_MASKS[mask_name]: pixels, or the colour of RGB images) of the first n_images
+    test images n_draws times from the newest checkpoint's EMA parameters: sampling.inpaint with config.sampling's
+    predictor, corrector and snr on config.model.num_scales steps. Writes workdir/samples/inpaint_<mask>_step_<step>
+    .png, one row per image: the original, the input (hidden pixels at mid-range; for "colour" the grey image), the
+    n_draws inpaintings. Returns them [n_images, n_draws, ...]."""
     validate_config(config)
     _require(mask_name in INPAINT_MASKS, f"unknown inpainting mask {mask_name!r}; choose one of "
                                          f"{sorted(INPAINT_MASKS)}")
     _require_checkpoints(workdir)
     setup = Setup(config)
     _require(len(setup.dataset.shape) == 3, f"inpainting needs image data; {config.data.dataset!r} is not images")
+    known_fn, transform = INPAINT_MASKS[mask_name]
+    h, w, c = setup.dataset.shape
+    _require(transform is None or c == 3, f"inpainting mask {mask_name!r} needs RGB images; the data have {c} "
+                                          "channel(s)")
     state, step = restore_latest(workdir, config, setup)
     images = setup.dataset.test_data[:n_images]
-    h, w, _ = setup.dataset.shape
-    known = INPAINT_MASKS[mask_name](h, w)[None, :, :, None]
+    known = known_fn(h, w, c)[None]
     data = np.repeat(images, n_draws, axis=0)
     s = config.sampling
     x, nfe = sampling.inpaint(jax.random.fold_in(setup.rngs["sample"], step), setup.sde,
                               setup.score_fn(state.ema_params), data, np.broadcast_to(known, data.shape),
-                              predictor=s.predictor, corrector=s.corrector, snr=s.snr, n_steps=s.n_steps_each,
-                              denoise=s.noise_removal, eps=s.eps)
+                              transform=transform, predictor=s.predictor, corrector=s.corrector, snr=s.snr,
+                              n_steps=s.n_steps_each, denoise=s.noise_removal, eps=s.eps)
     x = to_host(x).reshape((n_images, n_draws) + images.shape[1:])
-    masked = np.where(known, images, np.mean(setup.dataset.data_range))
-    rows = np.concatenate([images[:, None], masked[:, None], x], axis=1)
+    m = np.eye(c, dtype=np.float32) if transform is None else transform
+    middle = np.full_like(images, np.mean(setup.dataset.data_range))
+    shown = np.where(known, images @ m, middle @ m) @ m.T     # hidden latent coordinates at mid-range
+    rows = np.concatenate([images[:, None], shown[:, None], x], axis=1)
     directory = ensure_writable(os.path.join(workdir, "samples"))
     path = os.path.join(directory, f"inpaint_{mask_name}_step_{step:08d}.png")
     save_image_grid(path, rows.reshape((-1,) + images.shape[1:]), setup.dataset.data_range, cols=n_draws + 2)
-    logging.info("inpainted %d test images x %d draws (%d NFE each) from the step-%d checkpoint: %s", n_images,
-                 n_draws, nfe, step, path)
+    logging.info("inpainted (%s) %d test images x %d draws (%d NFE each) from the step-%d checkpoint: %s", mask_name,
+                 n_images, n_draws, nfe, step, path)
     return x
 
 

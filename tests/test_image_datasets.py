@@ -6,23 +6,24 @@ import pytest
 import datasets
 import likelihood
 
-SETS = {"DIGITS": (8, 17, 1497, 300), "MNIST5K": (28, 256, 4500, 500)}
+# name -> (image size, channels, levels, train images, test images)
+SETS = {"DIGITS": (8, 1, 17, 1497, 300), "MNIST5K": (28, 1, 256, 4500, 500), "PHOTO_PATCHES": (32, 3, 256, 5200, 400)}
 
 
 def config(name, centered=False, flip=False, dequantize=False, batch_size=64, num_test=-1):
-    size = SETS[name][0]
+    size, channels = SETS[name][:2]
     return ml_collections.ConfigDict(dict(
         seed=3, training=dict(batch_size=batch_size), eval=dict(num_test=num_test),
-        data=dict(dataset=name, image_size=size, num_channels=1, centered=centered, random_flip=flip,
+        data=dict(dataset=name, image_size=size, num_channels=channels, centered=centered, random_flip=flip,
                   uniform_dequantization=dequantize)))
 
 
 @pytest.mark.parametrize("name", SETS)
 def test_shapes_levels_and_split_sizes(name):
-    size, levels, n_train, n_test = SETS[name]
+    size, channels, levels, n_train, n_test = SETS[name]
     ds = datasets.get_dataset(config(name))
-    assert ds.shape == (size, size, 1) and ds.levels == levels
-    assert len(ds.train_levels) == n_train and ds.test_data.shape == (n_test, size, size, 1)
+    assert ds.shape == (size, size, channels) and ds.levels == levels
+    assert len(ds.train_levels) == n_train and ds.test_data.shape == (n_test, size, size, channels)
     assert ds.train_levels.min() == 0 and ds.train_levels.max() == levels - 1
     # The split is fixed: no training image is a test image of the same index set (disjoint by construction).
     assert datasets.get_dataset(config(name, batch_size=8)).test_data.tobytes() == ds.test_data.tobytes()
@@ -50,6 +51,19 @@ def test_dequantization_stays_in_the_bin_and_test_data_is_dequantized():
     # bits/dim of a model uniform on [0, 1]^D is log2(17) for this data (SPEC §4).
     bpd = likelihood.bits_per_dim(np.zeros(2), ds.shape, ds.data_range, ds.levels)
     np.testing.assert_allclose(bpd, np.log2(17), rtol=1e-6)
+
+
+def test_photo_patches_are_windows_of_the_photos_and_the_split_shares_no_pixel():
+    """Every patch is a 32x32 window of one of scikit-learn's photos; test windows lie in the last 32 columns of each
+    160-column block, training windows left of them: their column ranges never meet."""
+    from sklearn.datasets import load_sample_images
+
+    train, test, _ = datasets.IMAGE_DATASETS["PHOTO_PATCHES"]()
+    china = load_sample_images().images[0]
+    np.testing.assert_array_equal(train[0], china[:32, :32])
+    np.testing.assert_array_equal(test[0], china[:32, 128:160])
+    np.testing.assert_array_equal(train[1], china[:32, 8:40])
+    assert len(np.unique(train.reshape(len(train), -1), axis=0)) == len(train)
 
 
 def test_repeats_of_the_test_split_redraw_only_the_dequantization():

@@ -297,11 +297,38 @@ def test_inpaint_mode_keeps_the_known_pixels_and_draws_the_rest(tmp_path):
         run_lib.inpaint(config, str(tmp_path), "left")
 
 
+def test_colorization_keeps_the_grey_image_and_draws_the_colour(tmp_path):
+    """PHOTO_PATCHES (32x32 RGB) with a one-block MLP trained 2 steps, --inpaint_mask=colour: every draw has exactly
+    the test patch's grey level (the mean of R, G, B; sampling.grey_projection) and the draws differ in colour.
+    Grey data have no colour to draw: a one-line error."""
+    from configs.vp import mnist_ddpmpp_continuous
+
+    config = mnist_ddpmpp_continuous.get_config()
+    config.data.dataset, config.data.image_size, config.data.num_channels = "PHOTO_PATCHES", 32, 3
+    model = config.model
+    model.name, model.nf, model.num_layers, model.num_scales = "mlp", 16, 1, 25
+    t = config.training
+    t.batch_size, t.n_iters, t.snapshot_freq, t.snapshot_sampling = 16, 2, 2, False
+    config.sampling.corrector = "none"
+    run_lib.train(config, str(tmp_path))
+    x = run_lib.inpaint(config, str(tmp_path), "colour", n_images=2, n_draws=3)
+    test = datasets.get_dataset(config).test_data[:2]
+    np.testing.assert_allclose(x.mean(axis=-1), np.broadcast_to(test.mean(axis=-1)[:, None], (2, 3, 32, 32)),
+                               atol=1e-5)
+    colour = x - x.mean(axis=-1, keepdims=True)
+    assert np.abs(colour).mean() > 0.05 and np.abs(colour[:, 0] - colour[:, 1]).mean() > 0.05
+    config.data.dataset, config.data.image_size, config.data.num_channels = "DIGITS", 8, 1
+    with pytest.raises(ValueError, match="inpainting mask 'colour' needs RGB images; the data have 1 channel"):
+        run_lib.inpaint(config, str(tmp_path), "colour")
+
+
 def test_inpainting_masks_hide_what_they_say():
-    right, bottom, centre = (run_lib.INPAINT_MASKS[m](8, 8) for m in ("right_half", "bottom_half", "centre"))
+    right, bottom, centre, colour = (run_lib.INPAINT_MASKS[m][0](8, 8, 3)
+                                     for m in ("right_half", "bottom_half", "centre", "colour"))
     assert right[:, :4].all() and not right[:, 4:].any()
     assert bottom[:4].all() and not bottom[4:].any()
-    assert not centre[2:6, 2:6].any() and centre.sum() == 64 - 16
+    assert not centre[2:6, 2:6].any() and centre.sum() == 3 * (64 - 16)
+    assert colour[..., 0].all() and not colour[..., 1:].any()     # the grey coordinate of COLOR_DECORRELATION
 
 
 def test_eval_checkpoint_selection(trained):
