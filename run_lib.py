@@ -561,14 +561,17 @@ def _read_npz(path):
         return None
 
 
-def resumable(path, compute, complete):
-    """The arrays saved at `path` when complete(arrays) says they are a finished result; else compute()'s dict of
-    arrays, which process 0 saves under a temporary name and renames: a killed run leaves the whole file or none,
-    and its rerun computes only what is missing. Returns (arrays, whether they were read)."""
+def resumable(path, compute, complete, settings):
+    """The arrays saved at `path` when they were made with the same `settings` (a string: everything the result
+    depends on besides the checkpoint) and complete(arrays) says they are a finished result; else compute()'s dict
+    of arrays, which process 0 saves with the settings under a temporary name and renames: a killed run leaves the
+    whole file or none, its rerun computes only what is missing, and a rerun with other settings recomputes.
+    Returns (arrays, whether they were read)."""
     saved = _read_npz(path)
-    if saved is not None and complete(saved):
+    if saved is not None and str(saved.get("settings")) == settings and complete(saved):
         return saved, True
     result = {name: np.asarray(value) for name, value in compute().items()}
+    result["settings"] = np.asarray(settings)
     if jax.process_index() == 0:
         partial = path[:-len(".npz")] + ".partial.npz"
         np.savez(partial, **result)
@@ -615,6 +618,10 @@ def test_nll(rng, config, sde, score_fn, dataset, directory):
     index = _padded_batches(n, size)
     exact = _exact_divergence(config, int(np.prod(dataset.shape)))
     repeats = e.get("bpd_repeats", 1)
+    settings = json.dumps({"seed": config.seed, "examples": n, "batch": size, "exact": exact, "eps": e.eps,
+                           "rtol": e.rtol, "atol": e.atol, "probe": e.get("hutchinson_type", "rademacher"),
+                           "solver": e.get("solver", "tsit5"), "data": config.data.to_dict()}, sort_keys=True,
+                          default=str)
     nll, nfe = np.zeros((repeats, n)), np.zeros((repeats, len(index)))
     os.makedirs(directory, exist_ok=True)
     for r in range(repeats):
@@ -628,7 +635,8 @@ def test_nll(rng, config, sde, score_fn, dataset, directory):
                 return {"nll": -to_host(logp).astype(np.float64), "nfe": to_host(count)}
 
             path = os.path.join(directory, f"nll_r{r:03d}_b{b:05d}.npz")
-            result, _ = resumable(path, solve, lambda saved: saved.get("nll", np.zeros(0)).shape == (size,))
+            result, _ = resumable(path, solve, lambda saved: saved.get("nll", np.zeros(0)).shape == (size,),
+                                  settings)
             kept = min(size, n - b * size)
             nll[r, idx[:kept]] = result["nll"][:kept]
             nfe[r, b] = result["nfe"]
@@ -775,6 +783,10 @@ def sample_shards(setup, params, rng, num_samples, shard_size, directory):
     shape = (size,) + setup.dataset.shape
     sample_fn = sampling.get_sampling_fn(setup.config, setup.sde, shape)
     score_fn = setup.score_fn(params)
+    config = setup.config
+    sampler = {k: v for k, v in config.sampling.to_dict().items() if k != "num_samples"}  # more samples: more shards
+    settings = json.dumps({"key": np.asarray(jax.random.key_data(rng)).tolist(), "sampling": sampler, "shard": size,
+                           "sde": config.training.sde, "model": config.model.to_dict()}, sort_keys=True, default=str)
     os.makedirs(directory, exist_ok=True)
     for k in range(count):
         def draw():
@@ -782,7 +794,7 @@ def sample_shards(setup, params, rng, num_samples, shard_size, directory):
             return {"samples": to_host(x), "nfe": to_host(nfe)}
 
         path = os.path.join(directory, f"shard_{k:05d}.npz")
-        shard, read = resumable(path, draw, lambda saved: saved.get("samples", np.zeros(0)).shape == shape)
+        shard, read = resumable(path, draw, lambda saved: saved.get("samples", np.zeros(0)).shape == shape, settings)
         logging.info("shard %d/%d: %d samples, %d NFE, %s %s", k + 1, count, size, shard["nfe"],
                      "read from" if read else "saved to", path)
         yield shard["samples"][:num_samples - k * size], int(shard["nfe"])

@@ -212,6 +212,9 @@ def test_sampling_in_shards_resumes_and_depends_only_on_seed_and_shard(trained, 
     calls.clear()
     run_lib.sample(config, str(workdir))
     assert calls == [] and not list(workdir.rglob("*.partial.npz"))
+    config.sampling.snr = 0.2                               # another sampler setting: every shard is drawn again
+    run_lib.sample(config, str(workdir))
+    assert len(calls) == 3
 
 
 def _copy(source, target):
@@ -269,6 +272,11 @@ def test_eval_resumes_from_its_saved_batches_and_reports_its_settings(trained, t
     run_lib.evaluate(config, str(workdir))
     first, *reruns = _records(workdir)
     assert all(r["test_nll"] == first["test_nll"] for r in reruns)  # the re-solved batch: bit-identical
+    # Other solver settings make other numbers: nothing saved under the old ones is reused.
+    config.eval.rtol = config.eval.atol = 1e-3
+    run_lib.evaluate(config, str(workdir))
+    assert _records(workdir)[-1]["test_nll"] != first["test_nll"]
+    assert all(str(np.load(p)["settings"]).count('"rtol": 0.001') == 1 for p in folder.iterdir())
 
 
 def test_inpaint_mode_keeps_the_known_pixels_and_draws_the_rest(tmp_path):
