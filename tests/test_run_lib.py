@@ -279,20 +279,27 @@ def test_eval_resumes_from_its_saved_batches_and_reports_its_settings(trained, t
     assert all(str(np.load(p)["settings"]).count('"rtol": 0.001') == 1 for p in folder.iterdir())
 
 
-def test_inpaint_mode_keeps_the_known_pixels_and_draws_the_rest(tmp_path):
-    """DIGITS 8x8 with a one-block MLP trained 2 steps: the inpaintings carry the known left half of each test
-    image exactly (the sampler imposes it) and differ between draws on the hidden half; the PNG has one row per
-    image of 2 + 4 tiles. An unknown mask name is a one-line error."""
+def _trained_image_mlp(workdir, dataset, size, channels):
+    """The VP image config on an embedded set with a one-block MLP, trained 2 steps into workdir (checkpoint at 2);
+    reverse diffusion without a corrector on 25 steps."""
     from configs.vp import mnist_ddpmpp_continuous
 
     config = mnist_ddpmpp_continuous.get_config()
-    config.data.dataset, config.data.image_size = "DIGITS", 8
+    config.data.dataset, config.data.image_size, config.data.num_channels = dataset, size, channels
     model = config.model
     model.name, model.nf, model.num_layers, model.num_scales = "mlp", 16, 1, 25
     t = config.training
     t.batch_size, t.n_iters, t.snapshot_freq, t.snapshot_sampling = 16, 2, 2, False
     config.sampling.corrector = "none"
-    run_lib.train(config, str(tmp_path))
+    run_lib.train(config, str(workdir))
+    return config
+
+
+def test_inpaint_mode_keeps_the_known_pixels_and_draws_the_rest(tmp_path):
+    """DIGITS 8x8 with a one-block MLP trained 2 steps: the inpaintings carry the known left half of each test
+    image exactly (the sampler imposes it) and differ between draws on the hidden half; the PNG has one row per
+    image of 2 + 4 tiles. An unknown mask name is a one-line error."""
+    config = _trained_image_mlp(tmp_path, "DIGITS", 8, 1)
     x = run_lib.inpaint(config, str(tmp_path), "right_half", n_images=3, n_draws=4)
     test = datasets.get_dataset(config).test_data[:3]
     assert x.shape == (3, 4, 8, 8, 1)
@@ -309,16 +316,7 @@ def test_colorization_keeps_the_grey_image_and_draws_the_colour(tmp_path):
     """PHOTO_PATCHES (32x32 RGB) with a one-block MLP trained 2 steps, --inpaint_mask=colour: every draw has exactly
     the test patch's grey level (the mean of R, G, B; sampling.grey_projection) and the draws differ in colour.
     Grey data have no colour to draw: a one-line error."""
-    from configs.vp import mnist_ddpmpp_continuous
-
-    config = mnist_ddpmpp_continuous.get_config()
-    config.data.dataset, config.data.image_size, config.data.num_channels = "PHOTO_PATCHES", 32, 3
-    model = config.model
-    model.name, model.nf, model.num_layers, model.num_scales = "mlp", 16, 1, 25
-    t = config.training
-    t.batch_size, t.n_iters, t.snapshot_freq, t.snapshot_sampling = 16, 2, 2, False
-    config.sampling.corrector = "none"
-    run_lib.train(config, str(tmp_path))
+    config = _trained_image_mlp(tmp_path, "PHOTO_PATCHES", 32, 3)
     x = run_lib.inpaint(config, str(tmp_path), "colour", n_images=2, n_draws=3)
     test = datasets.get_dataset(config).test_data[:2]
     np.testing.assert_allclose(x.mean(axis=-1), np.broadcast_to(test.mean(axis=-1)[:, None], (2, 3, 32, 32)),
