@@ -123,6 +123,23 @@ def conservativity(rng, score_fn, x, t, n_probes=16, exact=False, probe_type="ra
     return jax.vmap(lambda xi, ti, ui: _conservativity_probes_single(s, xi, ti, ui))(x, t, u)
 
 
+# --- Sample quality of low-dimensional samples. ---
+
+def unit_directions(dim, n, seed):
+    """n random unit vectors in R^dim as the columns of a [dim, n] float64 array (numpy, from `seed`)."""
+    directions = np.random.default_rng(seed).normal(size=(dim, n))
+    return directions / np.linalg.norm(directions, axis=0)
+
+
+def sliced_w2(a, b, directions):
+    """Sliced Wasserstein-2 distance sqrt(mean over the unit columns θ of W2²(θᵀa, θᵀb)) between two sample sets
+    [n, D] of equal size n, for which the 1-D W2² is the mean square difference of the sorted projections."""
+    if a.shape != b.shape:
+        raise ValueError(f"sliced_w2 needs equal sample sets, got {a.shape} and {b.shape}")
+    pa, pb = np.sort(a @ directions, axis=0), np.sort(b @ directions, axis=0)
+    return float(np.sqrt(np.mean((pa - pb) ** 2)))
+
+
 # --- Evaluators: run(rng, score_fn, data) yields (name, value). ---
 
 def _perturb(rng, sde, x0, t):

@@ -51,6 +51,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
+import evaluation  # noqa: E402
 import sampling  # noqa: E402
 import sde_lib  # noqa: E402
 
@@ -117,12 +118,6 @@ class EigenMixture:
         return worst
 
 
-def sliced_w2(a, b, directions):
-    """sqrt(mean over unit directions θ of W2²(θᵀa, θᵀb)); equal sample counts, so W2² is the sorted mean square."""
-    pa, pb = np.sort(a @ directions, axis=0), np.sort(b @ directions, axis=0)
-    return float(np.sqrt(np.mean((pa - pb) ** 2)))
-
-
 def samplers(sde_name):
     """(label, sde steps N, sampling.sample kwargs) of every sampler in the table."""
     table = [("pc", 1000, dict(method="pc", predictor="reverse_diffusion", corrector="langevin", snr=0.16))]
@@ -142,7 +137,7 @@ def samplers(sde_name):
 def quality_line(case, label, nfe, x, oracle, entropy, reference, directions):
     nll = -np.asarray(oracle.log_prob(jnp.asarray(x)), np.float64)
     gap, se = nll.mean() - entropy, nll.std() / np.sqrt(len(nll))
-    sw2 = sliced_w2(np.asarray(x, np.float64), reference, directions)
+    sw2 = evaluation.sliced_w2(np.asarray(x, np.float64), reference, directions)
     print(f"samplers {case:4s} {label:24s} nfe {nfe:5d} | nll_gap {gap:+.4f} ± {se:.4f} nats | sw2 {sw2:.4f}",
           flush=True)
     return gap, se, sw2
@@ -157,10 +152,9 @@ def run_case(case, args):
     if worst > 1e-4:
         raise RuntimeError(f"the eigendecomposition oracle differs from GaussianMixture by {worst:.1e}")
     entropy = -float(np.mean(np.asarray(oracle.log_prob(mixture.sample(rngs[1], 200_000)), np.float64)))
-    directions = np.random.default_rng(args.seed).normal(size=(mixture.dim, 256))
-    directions /= np.linalg.norm(directions, axis=0)
+    directions = evaluation.unit_directions(mixture.dim, 256, args.seed)
     reference = np.asarray(mixture.sample(rngs[2], args.n), np.float64)
-    floors = [sliced_w2(np.asarray(mixture.sample(k, args.n), np.float64),
+    floors = [evaluation.sliced_w2(np.asarray(mixture.sample(k, args.n), np.float64),
                         np.asarray(mixture.sample(jax.random.fold_in(k, 1), args.n), np.float64), directions)
               for k in jax.random.split(rngs[3], 4)]
     print(f"samplers {case} D={mixture.dim} K={len(mixture.weights)} {args.sde} n={args.n} entropy {entropy:.4f} "
@@ -206,7 +200,6 @@ def demo_samplers(args):
 
 def run_demo(args):
     import run_lib  # noqa: E402
-    import evaluation  # noqa: E402
     from configs.demo import mnist_ddpmpp  # noqa: E402
 
     config = mnist_ddpmpp.get_config()

@@ -15,6 +15,10 @@ def get_default_configs():
     training.weighting = "sigma2"         # sigma2 | likelihood | likelihood_importance (SPEC §3)
     training.reduce_mean = False          # mean over dimensions; False: ½ sum (the score-SDE convention)
     training.eps = 1e-5                   # smallest training time
+    # Score Fokker-Planck regularizer (FP-Diffusion, SPEC §5) on the DSM objective: weight α (0 = off; the paper
+    # uses 0.15 for images), w(t) "one" | "g2", probe "exact" (small D) | "rademacher" | "gaussian", t range.
+    training.fp = ml_collections.ConfigDict(dict(weight=0.0, time_weighting="one", probe="rademacher",
+                                                 t_min=0.0, t_max=1.0))
     training.batch_size = 512
     training.n_iters = 5000
     training.n_jitted_steps = 1           # train steps fused into one compiled call (lax.scan)
@@ -49,6 +53,11 @@ def get_default_configs():
     evaluate.num_test = 2000              # held-out samples for the test NLL
     evaluate.bpd_repeats = 1              # passes over them with fresh Hutchinson probes (exact divergence: 1)
     evaluate.enable_bpd = True
+    # Seed 001's bound on the SDE model's NLL (likelihood.likelihood_bound, DSM form), reported beside the ODE NLL.
+    evaluate.enable_bound = True
+    evaluate.bound_n_t = 1000             # time samples per test point (Monte-Carlo error per point ~ 1/sqrt(n_t))
+    evaluate.bound_importance = True      # t ~ q(t) ∝ g²/σ² (seed 001's importance sampling)
+    evaluate.bound_t_chunk = 8            # time samples evaluated together: a score batch of bound_t_chunk x batch
     evaluate.eps = 1e-5
     evaluate.exact_divergence = True      # exact trace of the Jacobian: fine for small D
     evaluate.rtol = 1e-5

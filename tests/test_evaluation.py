@@ -257,3 +257,17 @@ def test_nll_evaluator_matches_exact_log_density():
     np.testing.assert_allclose(metrics["nll_nats_per_dim"], exact.mean(), atol=1e-4)
     np.testing.assert_allclose(metrics["nll_nats_per_dim_se"], exact.std(ddof=1) / 8, rtol=1e-3)
     assert metrics["nfe"] > 0
+
+
+def test_sliced_w2_of_a_shifted_set_is_the_mean_projected_shift():
+    # Shifting a set by c moves every projection by θᵀc, so W2²(θᵀa, θᵀ(a + c)) = (θᵀc)² exactly; order is irrelevant.
+    a = np.random.default_rng(0).normal(size=(500, 3))
+    c = np.array([0.5, -1.0, 2.0])
+    directions = evaluation.unit_directions(3, 64, seed=1)
+    np.testing.assert_allclose(np.linalg.norm(directions, axis=0), 1.0, rtol=1e-12)
+    want = np.sqrt(np.mean((directions.T @ c) ** 2))
+    shuffled = (a + c)[np.random.default_rng(2).permutation(500)]
+    assert evaluation.sliced_w2(a, shuffled, directions) == pytest.approx(want, rel=1e-10)
+    assert evaluation.sliced_w2(a, a, directions) == 0.0
+    with pytest.raises(ValueError, match="equal"):
+        evaluation.sliced_w2(a, a[:10], directions)
