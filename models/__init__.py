@@ -46,7 +46,10 @@ def get_score_fn(sde, model, variables, train=False, continuous=True, rng=None):
 
     It is returned as a jax.tree_util.Partial whose arrays (variables, rng) are pytree leaves and whose function is
     hashable, so jit-compiled samplers and likelihood solves take new parameters without re-tracing.
+    An energy network (models/energy.py, SPEC §6) gives its conservative score -∇x E instead.
     """
+    if getattr(model, "outputs_energy", False):
+        return energy.score_from_energy(energy.get_energy_fn(sde, model, variables, train, continuous, rng))
     return jax.tree_util.Partial(_NetworkScore(sde, model, bool(train), bool(continuous)), variables, rng)
 
 
@@ -64,4 +67,4 @@ class _NetworkScore:
         return self.sde.output_to_score(output, t, self.continuous)
 
 
-from models import ddpm, mlp, ncsn, ncsnpp, ncsnv2  # noqa: E402,F401  (registers the models)
+from models import ddpm, energy, mlp, ncsn, ncsnpp, ncsnv2  # noqa: E402,F401  (registers the models)
