@@ -4,6 +4,8 @@
     python main.py --config=configs/toy/vp_gmm.py --workdir=runs/vp_gmm --mode=eval
     python main.py --config=configs/toy/vp_gmm.py --workdir=runs/vp_gmm --mode=sample --config.sampling.method=ode
     python main.py --config=configs/demo/mnist_ddpmpp.py --workdir=runs/demo --mode=inpaint --inpaint_mask=centre
+    python main.py --config=configs/demo/mnist_ddpmpp.py --workdir=runs/demo --mode=train_dequantizer
+    python main.py --config=configs/demo/mnist_ddpmpp.py --workdir=runs/demo --mode=eval --config.eval.dequantizer=True
     python main.py --config=configs/demo/mnist_ddpmpp.py --workdir=runs/demo --mode=class_conditional
         --classifier=runs/classifiers/mnist5k_noisy.msgpack --class_scale=3
     python main.py --config=configs/vp/cifar10_ddpmpp_continuous.py --mode=summary
@@ -22,11 +24,14 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and evaluation results.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "inpaint", "class_conditional", "summary"],
+flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "inpaint", "class_conditional", "summary",
+                                    "train_dequantizer"],
                   "train: train (resumes from --workdir); eval: evaluate checkpoints; sample: draw samples from the "
                   "newest checkpoint; inpaint: fill the --inpaint_mask part of test images; class_conditional: "
                   "samples of each class with the --classifier; summary: print the model's parameter shapes, count "
-                  "and FLOPs per example (needs no --workdir).")
+                  "and FLOPs per example (needs no --workdir); train_dequantizer: fit config.dequantizer's "
+                  "variational dequantizer to the newest checkpoint (resumes; --workdir/dequantizer), for "
+                  "--mode=eval --config.eval.dequantizer=True.")
 flags.DEFINE_string("inpaint_mask", "right_half", "--mode=inpaint: right_half | bottom_half | centre (the hidden "
                     "pixels), or colour (colorization of RGB images: the grey level is known).")
 flags.DEFINE_string("classifier", None, "--mode=class_conditional: a time-dependent classifier "
@@ -87,6 +92,7 @@ def main(argv):
         "class_conditional": lambda: run_lib.class_conditional(FLAGS.config, FLAGS.workdir, FLAGS.classifier,
                                                                FLAGS.class_scale),
         "summary": lambda: run_lib.print_summary(FLAGS.config),
+        "train_dequantizer": lambda: run_lib.train_dequantizer(FLAGS.config, FLAGS.workdir),
     }
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_not_orbax)

@@ -11,7 +11,8 @@ folds the step count into its key (losses.get_step_fn). So a run resumed at step
 uninterrupted run computes at step k, and the TrainState is all a checkpoint needs to hold.
 
 Workdir layout: config.json, checkpoints/ (permanent, orbax), checkpoints-meta/ (latest only), tb/ and
-metrics.jsonl (training metrics), samples/ (plots, .npz), eval/ (metrics.jsonl and TensorBoard of --mode eval).
+metrics.jsonl (training metrics), samples/ (plots, .npz), eval/ (metrics.jsonl and TensorBoard of --mode eval),
+dequantizer/ (--mode=train_dequantizer: its checkpoints/, checkpoints-meta/, tb/, metrics.jsonl and config.json).
 """
 import copy
 import functools
@@ -24,6 +25,7 @@ import zipfile
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -31,6 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import datasets
+import dequantization as dq
 import evaluation
 import likelihood
 import losses
@@ -481,7 +484,7 @@ def train(config, workdir):
     setup = Setup(config)
     checkpointer = _Checkpointer(workdir, config)
     try:
-        state = _resume(setup, checkpointer, workdir)
+        state = _resume(setup.initial_state, checkpointer, workdir)
         _save_config(config, workdir)
         step = _train_loop(setup, state, checkpointer, workdir)
     finally:
@@ -489,12 +492,13 @@ def train(config, workdir):
     logging.info("training finished at step %d; checkpoints in %s", step, workdir)
 
 
-def _resume(setup, checkpointer, workdir):
+def _resume(template, checkpointer, workdir):
+    """The newest checkpoint's state (shaped like `template`), or `template` when there is none."""
     step, manager = _latest((checkpointer.permanent, checkpointer.meta))
     if step is None:
-        return setup.initial_state
+        return template
     logging.info("resuming from the checkpoint of step %d in %s", step, manager.directory)
-    return restore(manager, step, setup.initial_state, workdir)
+    return restore(manager, step, template, workdir)
 
 
 class _Timer:
@@ -604,63 +608,123 @@ def _exact_divergence(config, dim):
     return dim <= 16 if exact is None else bool(exact)
 
 
-def test_nll(rng, config, sde, score_fn, dataset, directory):
-    """-log p(x) [repeats, N] in nats of the held-out split by the probability-flow ODE (SPEC §4), and the NFE of
-    each solve [repeats, batches].
+def _per_example_results(rng, config, dataset, directory, compute, settings):
+    """{name: [repeats, N]} of per-example results over config.eval.bpd_repeats passes over the held-out split.
 
-    Repeat r (of config.eval.bpd_repeats) takes the split as dataset.test_split(r) (a fresh dequantization draw for
-    r > 0) and fresh Hutchinson probes: batch b of repeat r solves with jax.random.fold_in(rng, r·batches + b).
-    Each (repeat, batch) is saved as directory/nll_r<r>_b<b>.npz and read back on a rerun (resumable).
+    Repeat r takes the split as dataset.test_split(r) (a fresh dequantization draw for r > 0); batch b of it is
+    compute(key, x) -> {name: [batch]} with key fold_in(rng, r·batches + b), saved as directory/r<r>_b<b>.npz with
+    the settings string and read back on a rerun with the same settings (resumable). Batches are padded to one
+    size by wrapping around (one compilation, an even split over devices); the padding is dropped.
     """
-    e = config.eval
     n = len(dataset.test_data)
-    size = min(e.batch_size, n)
+    size = min(config.eval.batch_size, n)
     index = _padded_batches(n, size)
-    exact = _exact_divergence(config, int(np.prod(dataset.shape)))
-    repeats = e.get("bpd_repeats", 1)
-    settings = json.dumps({"seed": config.seed, "examples": n, "batch": size, "exact": exact, "eps": e.eps,
-                           "rtol": e.rtol, "atol": e.atol, "probe": e.get("hutchinson_type", "rademacher"),
-                           "solver": e.get("solver", "tsit5"), "data": config.data.to_dict()}, sort_keys=True,
-                          default=str)
-    nll, nfe = np.zeros((repeats, n)), np.zeros((repeats, len(index)))
+    repeats = config.eval.get("bpd_repeats", 1)
+    results = {}
     os.makedirs(directory, exist_ok=True)
     for r in range(repeats):
         data = dataset.test_split(r)
         for b, idx in enumerate(index):
-            def solve():
-                logp, _, count = likelihood.log_likelihood(
-                    jax.random.fold_in(rng, r * len(index) + b), sde, score_fn, jnp.asarray(data[idx]),
-                    exact_divergence=exact, hutchinson_type=e.get("hutchinson_type", "rademacher"), rtol=e.rtol,
-                    atol=e.atol, eps=e.eps, solver=e.get("solver", "tsit5"))
-                return {"nll": -to_host(logp).astype(np.float64), "nfe": to_host(count)}
-
-            path = os.path.join(directory, f"nll_r{r:03d}_b{b:05d}.npz")
-            result, _ = resumable(path, solve, lambda saved: saved.get("nll", np.zeros(0)).shape == (size,),
-                                  settings)
+            key = jax.random.fold_in(rng, r * len(index) + b)
+            path = os.path.join(directory, f"r{r:03d}_b{b:05d}.npz")
+            saved, _ = resumable(path, lambda: compute(key, jnp.asarray(data[idx])),
+                                 lambda arrays: all(v.shape == (size,) for k, v in arrays.items() if k != "settings"),
+                                 settings)
             kept = min(size, n - b * size)
-            nll[r, idx[:kept]] = result["nll"][:kept]
-            nfe[r, b] = result["nfe"]
-    return nll, nfe
+            for name, value in saved.items():
+                if name != "settings":
+                    results.setdefault(name, np.zeros((repeats, n)))[r, idx[:kept]] = value[:kept]
+    return results
 
 
-def _nll_scalars(nll, nfe, dataset, config):
-    """Test NLL and (for discrete data) bits/dim: the mean over examples of each example's mean over repeats, with
-    the standard error over examples; the evaluation's settings beside them (SPEC §4); the true density's NLL."""
+def _evaluation_settings(config, **extra):
+    """The settings string of a saved per-batch result: everything it depends on besides the checkpoint."""
     e = config.eval
+    return json.dumps({"seed": config.seed, "examples": e.num_test, "batch": e.batch_size, "eps": e.eps,
+                       "data": config.data.to_dict(), **extra}, sort_keys=True, default=str)
+
+
+def ode_settings(config, dataset):
+    """The likelihood.log_likelihood options of config.eval: exact_divergence (_exact_divergence), hutchinson_type
+    (default rademacher), rtol, atol, eps, solver (default tsit5)."""
+    e = config.eval
+    return dict(exact_divergence=_exact_divergence(config, int(np.prod(dataset.shape))),
+                hutchinson_type=e.get("hutchinson_type", "rademacher"), rtol=e.rtol, atol=e.atol, eps=e.eps,
+                solver=e.get("solver", "tsit5"))
+
+
+def test_nll(rng, config, sde, score_fn, dataset, directory):
+    """{"nll": -log p(x) [repeats, N] in nats by the probability-flow ODE (SPEC §4), "nfe": the NFE of the solve of
+    each example's batch [repeats, N]} over the held-out split (see _per_example_results; resumable)."""
+    options = ode_settings(config, dataset)
+
+    def solve(key, x):
+        logp, _, count = likelihood.log_likelihood(key, sde, score_fn, x, **options)
+        return {"nll": -to_host(logp).astype(np.float64), "nfe": np.full(x.shape[0], float(to_host(count)))}
+
+    return _per_example_results(rng, config, dataset, directory, solve,
+                                _evaluation_settings(config, method="ode", **options))
+
+
+def bound_settings(config):
+    """The likelihood_bound options of config.eval: bound_n_t time samples per example (default 1000),
+    bound_importance (t ~ q(t) ∝ g²/σ², default True), bound_eps (default eval.eps), bound_t_chunk (default 8)."""
+    e = config.eval
+    return dict(n_t=e.get("bound_n_t", 1000), importance_sampling=e.get("bound_importance", True),
+                eps=e.get("bound_eps", e.eps), t_chunk=e.get("bound_t_chunk", 8))
+
+
+def test_bound(rng, config, sde, score_fn, dataset, directory):
+    """{"nll": seed 001's upper bound on the SDE model's -log p(x) [repeats, N] in nats (likelihood.
+    likelihood_bound, DSM form), "mc_se": its Monte-Carlo standard error per example} (resumable)."""
+    options = bound_settings(config)
+
+    def bound(key, x):
+        value, se = likelihood.likelihood_bound(key, sde, score_fn, x, **options)
+        return {"nll": to_host(value).astype(np.float64), "mc_se": to_host(se).astype(np.float64)}
+
+    return _per_example_results(rng, config, dataset, directory, bound,
+                                _evaluation_settings(config, method="bound", **options))
+
+
+def _se(v):
+    return float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else float("nan")
+
+
+def _likelihood_scalars(nll, dataset, prefix):
+    """{prefix_nll, prefix_nll_se and, for discrete data, prefix_bpd, prefix_bpd_se}: the mean over examples of
+    each example's mean over repeats, with the standard error over examples (SPEC §4)."""
     per_example = nll.mean(axis=0)
-    se = lambda v: float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else float("nan")
-    scalars = {"test_nll": float(per_example.mean()), "test_nll_se": se(per_example), "nll_nfe": float(nfe.mean()),
+    scalars = {f"{prefix}_nll": float(per_example.mean()), f"{prefix}_nll_se": _se(per_example)}
+    if dataset.levels is not None:
+        bpd = np.asarray(likelihood.bits_per_dim(-per_example, dataset.shape, dataset.data_range, dataset.levels))
+        scalars.update({f"{prefix}_bpd": float(bpd.mean()), f"{prefix}_bpd_se": _se(bpd)})
+    return scalars
+
+
+def _nll_scalars(results, dataset, config):
+    """Test NLL and (for discrete data) bits/dim by the ODE, the evaluation's settings beside them (SPEC §4), and the
+    true density's NLL where the dataset has one."""
+    e, nll = config.eval, results["nll"]
+    scalars = {**_likelihood_scalars(nll, dataset, "test"), "nll_nfe": float(results["nfe"].mean()),
                "nll_examples": float(nll.shape[1]), "nll_repeats": float(nll.shape[0]), "nll_eps": float(e.eps),
                "nll_rtol": float(e.rtol), "nll_atol": float(e.atol)}
     if dataset.levels is not None:
-        bpd = np.asarray(likelihood.bits_per_dim(-per_example, dataset.shape, dataset.data_range, dataset.levels))
         low, high = dataset.data_range
-        scalars.update(test_bpd=float(bpd.mean()), test_bpd_se=se(bpd),
-                       bpd_offset=float(np.log2(dataset.levels / (high - low))))
+        scalars["bpd_offset"] = float(np.log2(dataset.levels / (high - low)))
     if dataset.density is not None:
         true_nll = -np.asarray(dataset.density.log_prob(jnp.asarray(dataset.test_data)), np.float64)
         scalars["test_nll_true_density"] = float(true_nll.mean())
     return scalars
+
+
+def _bound_scalars(results, dataset, config):
+    """The bound in nats (and bits/dim), with the standard error over examples, its mean Monte-Carlo standard
+    error per example, and its settings."""
+    options = bound_settings(config)
+    return {**_likelihood_scalars(results["nll"], dataset, "bound"),
+            "bound_mc_se_per_example": float(results["mc_se"].mean()), "bound_n_t": float(options["n_t"]),
+            "bound_importance": float(options["importance_sampling"]), "bound_eps": float(options["eps"])}
 
 
 def _evaluators(config, sde, dataset):
@@ -698,6 +762,7 @@ def evaluate(config, workdir, eval_folder="eval"):
     _require_checkpoints(workdir)
     eval_dir = ensure_writable(os.path.join(workdir, eval_folder))
     setup = Setup(config)
+    dequantizer = restore_dequantizer(config, workdir, setup) if config.eval.get("dequantizer", False) else None
     evaluators, quality = _evaluators(config, setup.sde, setup.dataset)
     managers = checkpoint_managers(workdir, config, create=False)
     entropy = None
@@ -709,7 +774,7 @@ def evaluate(config, workdir, eval_folder="eval"):
             _require(step is not None, f"no complete checkpoint in {workdir}; train first with --mode=train")
             state = restore(manager, step, setup.initial_state, workdir)
             scalars = _evaluate_state(setup, state, step, evaluators, quality,
-                                      os.path.join(eval_dir, f"step_{step:08d}"))
+                                      os.path.join(eval_dir, f"step_{step:08d}"), dequantizer)
             if entropy is not None:
                 scalars.update(entropy=float(entropy[0]), entropy_se=float(entropy[1]))
             writer.write(step, scalars)
@@ -718,15 +783,25 @@ def evaluate(config, workdir, eval_folder="eval"):
         writer.close()
 
 
-def _evaluate_state(setup, state, step, evaluators, quality, directory):
+def _evaluate_state(setup, state, step, evaluators, quality, directory, dequantizer=None):
     """The eval scalars of one checkpoint. rng = the eval stream folded with the step: the test NLL uses it, the
-    evaluators it folded with their position from 1, the sample-quality samples it folded with _QUALITY_SAMPLES."""
+    evaluators it folded with their position from 1, the sample-quality samples it folded with _QUALITY_SAMPLES, the
+    bound with _BOUND, the variational bits/dim of `dequantizer` (restore_dequantizer; None: off) with _DEQUANTIZER."""
     config, rng = setup.config, jax.random.fold_in(setup.rngs["eval"], step)
     score_fn = setup.score_fn(state.ema_params)
-    scalars = {}
+    scalars, uniform = {}, {}  # uniform: -log p [repeats, N] of the uniformly dequantized split, by method
     if config.eval.get("enable_bpd", True):
-        nll, nfe = test_nll(rng, config, setup.sde, score_fn, setup.dataset, os.path.join(directory, "nll"))
-        scalars.update(_nll_scalars(nll, nfe, setup.dataset, config))
+        results = test_nll(rng, config, setup.sde, score_fn, setup.dataset, os.path.join(directory, "nll"))
+        scalars.update(_nll_scalars(results, setup.dataset, config))
+        uniform["ode"] = results["nll"]
+    if config.eval.get("enable_bound", False):
+        results = test_bound(jax.random.fold_in(rng, _BOUND), config, setup.sde, score_fn, setup.dataset,
+                             os.path.join(directory, "bound"))
+        scalars.update(_bound_scalars(results, setup.dataset, config))
+        uniform["bound"] = results["nll"]
+    if dequantizer is not None:
+        scalars.update(_variational_scalars(jax.random.fold_in(rng, _DEQUANTIZER), setup, score_fn, dequantizer,
+                                            uniform, directory))
     batches = _batches(setup.dataset.test_data, config.eval.batch_size)
     for i, run in enumerate(evaluators):
         scalars.update({name: float(v) for name, v in run(jax.random.fold_in(rng, i + 1), score_fn, batches)})
@@ -740,7 +815,8 @@ def _evaluate_state(setup, state, step, evaluators, quality, directory):
     return scalars
 
 
-_QUALITY_SAMPLES = 0x5A3  # a fold_in tag outside the evaluators' positions
+_QUALITY_SAMPLES = 0x5A3  # fold_in tags outside the evaluators' positions
+_BOUND = 0xB0D
 
 
 def _reference_batches(dataset, batch_size):
@@ -759,6 +835,16 @@ def _log_eval(step, scalars):
                      "mean NFE %.0f, offset %+.2f bits/dim)", step, scalars["test_bpd"], scalars["test_bpd_se"],
                      scalars["nll_examples"], scalars["nll_repeats"], scalars["nll_eps"], scalars["nll_rtol"],
                      scalars["nll_atol"], scalars["nll_nfe"], scalars["bpd_offset"])
+    if "bound_nll" in scalars:
+        unit, key = ("bits/dim", "bound_bpd") if "bound_bpd" in scalars else ("nats", "bound_nll")
+        logging.info("step %d: likelihood bound (seed 001) = %.4f ± %.4f %s (%d time samples per point)", step,
+                     scalars[key], scalars[key + "_se"], unit, scalars["bound_n_t"])
+    if "vdeq_bpd" in scalars:
+        gain = (f"; {scalars['vdeq_gain_bpd']:.4f} ± {scalars['vdeq_gain_bpd_se']:.4f} below uniform dequantization "
+                "on the same images" if "vdeq_gain_bpd" in scalars else "")
+        logging.info("step %d: variational dequantization (seed 001, dequantizer step %d) = %.4f ± %.4f bits/dim with "
+                     "-log p by the %s%s", step, scalars["vdeq_step"], scalars["vdeq_bpd"], scalars["vdeq_bpd_se"],
+                     "bound" if scalars["vdeq_bound"] else "ODE", gain)
     logging.info("step %d: %s", step, json.dumps(scalars))
 
 
@@ -843,8 +929,9 @@ INPAINT_MASKS = {
 
 def inpaint(config, workdir, mask_name="right_half", n_images=8, n_draws=4):
     """Fills the hidden part (INPAINT_MASKS[mask_name]: pixels, or the colour of RGB images) of the first n_images
-    test images n_draws times from the newest checkpoint's EMA parameters: sampling.inpaint with config.sampling's
-    predictor, corrector and snr on config.model.num_scales steps. Writes workdir/samples/inpaint_<mask>_step_<step>
+    test images n_draws times from the newest checkpoint's EMA parameters with sampling.get_inpainting_fn: NCSN's
+    annealed Langevin inpainting for sampling.method "ald", else PC inpainting with config.sampling's predictor,
+    corrector and snr, on config.model.num_scales noise levels. Writes workdir/samples/inpaint_<mask>_step_<step>
     .png, one row per image: the original, the input (hidden pixels at mid-range; for "colour" the grey image), the
     n_draws inpaintings. Returns them [n_images, n_draws, ...]."""
     validate_config(config)
@@ -861,11 +948,9 @@ def inpaint(config, workdir, mask_name="right_half", n_images=8, n_draws=4):
     images = setup.dataset.test_data[:n_images]
     known = known_fn(h, w, c)[None]
     data = np.repeat(images, n_draws, axis=0)
-    s = config.sampling
-    x, nfe = sampling.inpaint(jax.random.fold_in(setup.rngs["sample"], step), setup.sde,
-                              setup.score_fn(state.ema_params), data, np.broadcast_to(known, data.shape),
-                              transform=transform, predictor=s.predictor, corrector=s.corrector, snr=s.snr,
-                              n_steps=s.n_steps_each, denoise=s.noise_removal, eps=s.eps)
+    x, nfe = sampling.get_inpainting_fn(config, setup.sde)(jax.random.fold_in(setup.rngs["sample"], step),
+                                                           setup.score_fn(state.ema_params), data,
+                                                           np.broadcast_to(known, data.shape), transform=transform)
     x = to_host(x).reshape((n_images, n_draws) + images.shape[1:])
     m = np.eye(c, dtype=np.float32) if transform is None else transform
     middle = np.full_like(images, np.mean(setup.dataset.data_range))
@@ -975,3 +1060,240 @@ def print_summary(config, file=sys.stdout):
     print(f"model {s['model']}: {s['params']:,} parameters; input {s['input_shape']} -> output "
           f"{s['output_shape']}; {s['flops_per_example'] / 1e9:.3f} GFLOP per example (forward)", file=file)
     return s
+
+
+# --- 12. Variational dequantization (seed 001, SPEC §4): --mode=train_dequantizer and the variational bits/dim. ---
+
+_DEQUANTIZER = 0xDE9  # fold_in tag of the flow's streams: of the train stream (training), of the step's eval key
+
+# (config.dequantizer key, test, what the value must be)
+_DEQUANTIZER_CHECKS = (
+    [(key, lambda v: v > 0, "> 0") for key in ("num_couplings", "features", "lr", "num_steps", "batch_size",
+                                                "snapshot_freq")]
+    + [("warmup", lambda v: v >= 0, ">= 0"), ("n_t", lambda v: v >= 2, ">= 2 (the bound's Monte-Carlo estimate)")])
+
+
+def _dequantizer_eps(config):
+    """The bound's smallest time: config.dequantizer.eps, or training.eps when it is unset."""
+    eps = config.dequantizer.eps
+    return config.training.eps if eps is None else eps
+
+
+def dequantizer_config(config):
+    """The config that the flow trains with, after checking config.dequantizer: a copy of config with its
+    training.batch_size, n_iters, snapshot_freq (both kinds), optim.lr and warmup, one step per call, and the
+    training images at their bin centres, which dequantization.quantize maps back to the integers exactly. So
+    Setup's dataset, _Checkpointer and losses.get_optimizer serve the flow as they serve the score model."""
+    _require("dequantizer" in config, f"variational dequantization needs discrete data and a config.dequantizer "
+                                      f"section (the image configs have one); config.data.dataset = "
+                                      f"{config.data.dataset!r} has neither: toy data are continuous")
+    validate_config(config)
+    d = config.dequantizer
+    for key, ok, what in _DEQUANTIZER_CHECKS:
+        _require(ok(d[key]), f"config.dequantizer.{key} must be {what}, got {d[key]}")
+    devices, T = jax.device_count(), sde_lib.get_sde(config).T
+    _require(d.batch_size % devices == 0 and d.batch_size % jax.process_count() == 0,
+             f"config.dequantizer.batch_size = {d.batch_size} must divide evenly over {devices} devices and "
+             f"{jax.process_count()} hosts; use a multiple of {devices}")
+    _require(0.0 < _dequantizer_eps(config) < T, f"config.dequantizer.eps must lie in (0, T) = (0, {T}), got "
+                                                 f"{_dequantizer_eps(config)}")
+    deq = copy.deepcopy(ml_collections.ConfigDict(config))
+    t = deq.training
+    t.batch_size, t.n_iters, t.n_jitted_steps = d.batch_size, d.num_steps, 1
+    t.snapshot_freq = t.snapshot_freq_for_preemption = d.snapshot_freq
+    deq.optim.lr, deq.optim.warmup = d.lr, d.warmup
+    deq.data.uniform_dequantization = False
+    return deq
+
+
+def _require_levels(dataset, config):
+    _require(dataset.levels is not None, f"variational dequantization needs discrete data; config.data.dataset = "
+                                         f"{config.data.dataset!r} is continuous (no integer levels)")
+
+
+def _dequantizer_model(config):
+    return dq.Dequantizer(num_couplings=config.dequantizer.num_couplings, features=config.dequantizer.features)
+
+
+def _abstract(tree, sharding):
+    """The leaves' shapes and dtypes with `sharding`: a restore template that computes nothing."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def _dequantizer_streams(setup):
+    """(init, train) keys of the flow: from the run's train stream, apart from the score model's draws."""
+    return tuple(jax.random.split(jax.random.fold_in(setup.rngs["train"], _DEQUANTIZER)))
+
+
+def integer_batch(dataset, step, sharding):
+    """The integers k [B, ...] (int32) of training batch `step` of a dataset served at bin centres (see
+    dequantizer_config), sharded by `sharding`: a pure function of (seed, step) like the batch itself."""
+    k = np.asarray(dq.quantize(dataset.train_batch(step), dataset.data_range, dataset.levels))
+    return _global_batch(k, sharding, 0)
+
+
+def train_dequantizer(config, workdir):
+    """Fits config.dequantizer's flow q(u | k) (dequantization.Dequantizer; seed 001, SPEC §4) to the frozen EMA
+    score of the newest checkpoint in `workdir`: dequantization.get_step_fn's Adam steps on the DSM form of seed
+    001's bound, n_t times per image, on the quantized training batches. Writes workdir/dequantizer/ (checkpoints
+    every dequantizer.snapshot_freq steps and at the end, metrics.jsonl and tb/: train_bpd, the batch's noisy
+    variational bound before each update, averaged over log_freq steps) and resumes from its newest checkpoint.
+    Step k's batch and key (fold_in(train key, k)) depend on (seed, k) only, so a run killed and restarted ends
+    with the parameters of an uninterrupted one. Returns the final DequantizerState."""
+    deq_config = dequantizer_config(config)
+    _require_checkpoints(workdir)
+    setup = Setup(deq_config)
+    _require_levels(setup.dataset, config)
+    score_state, score_step = restore_latest(workdir, deq_config, setup)
+    directory = ensure_writable(os.path.join(workdir, "dequantizer"))
+    model, optimizer, d = _dequantizer_model(config), losses.get_optimizer(deq_config), config.dequantizer
+    init_rng, train_rng = _dequantizer_streams(setup)
+    init = functools.partial(dq.init_state, init_rng, model, setup.dataset.shape, optimizer)
+    template = _abstract(jax.eval_shape(init), setup.replicated)
+    rep, batches = setup.replicated, _batch_sharding(setup.mesh, 1)
+    update = dq.get_step_fn(model, optimizer, setup.sde, setup.dataset.data_range, setup.dataset.levels, n_t=d.n_t,
+                            eps=_dequantizer_eps(config), importance_sampling=d.importance_sampling)
+    step_fn = jax.jit(update, in_shardings=(rep, batches, rep, rep), out_shardings=rep, donate_argnums=0)
+    score_fn = setup.score_fn(score_state.ema_params)
+    checkpointer = _Checkpointer(directory, deq_config)
+    try:
+        _check_flow(*_latest((checkpointer.permanent, checkpointer.meta)), template, directory)
+        state = _resume(template, checkpointer, directory)
+        if state is template:  # a first start
+            state = jax.device_put(init(), setup.replicated)
+        _save_config(config, directory)
+        logging.info("training the dequantizer, steps %d..%d, against the score checkpoint of step %d",
+                     int(state.step) + 1, d.num_steps, score_step)
+        state = _dequantizer_loop(setup, state, lambda s, k: step_fn(s, k, train_rng, score_fn), checkpointer,
+                                  directory, score_step)
+    finally:
+        checkpointer.close()
+    logging.info("dequantizer trained to step %d; checkpoints in %s", int(state.step), directory)
+    return state
+
+
+def _dequantizer_loop(setup, state, step_fn, checkpointer, directory, score_step):
+    t, step = setup.config.training, int(state.step)
+    sharding = _batch_sharding(setup.mesh, 1)
+    writer = MetricWriter(os.path.join(directory, "metrics.jsonl"), os.path.join(directory, "tb"))
+    timer, pending = _Timer(step), []
+    try:
+        while step < t.n_iters:
+            state, metrics = step_fn(state, integer_batch(setup.dataset, step, sharding))
+            step += 1
+            pending.append(metrics)
+            due_checkpoint = checkpointer.is_due(step)
+            if step % t.log_freq == 0 or due_checkpoint:  # the finiteness check comes before any checkpoint
+                scalars = {**_drain_dequantizer_metrics(pending, step, setup.config, directory),
+                           "steps_per_sec": timer.rate(step), "score_step": float(score_step)}
+                writer.write(step, scalars)
+                logging.info("dequantizer step %d/%d: train bpd %.4f, %.2f step/s", step, t.n_iters,
+                             scalars["train_bpd"], scalars["steps_per_sec"])
+            if due_checkpoint:
+                checkpointer.save(step, state)
+                timer.reset(step)
+    finally:
+        writer.close()
+    return state
+
+
+def _drain_dequantizer_metrics(pending, step, config, directory):
+    """Means of the steps' bpd and gradient norm since the last call; NonFiniteLossError if any is not finite."""
+    fetched = jax.device_get(pending)
+    pending.clear()
+    bpd, grad_norm = (np.array([m[name] for m in fetched]) for name in ("bpd", "grad_norm"))
+    if not (np.all(np.isfinite(bpd)) and np.all(np.isfinite(grad_norm))):
+        lr = config.optim.lr
+        raise NonFiniteLossError(f"dequantizer training diverged: the bound or its gradient is not finite in steps "
+                                 f"{step - len(fetched) + 1}..{step}; lower config.dequantizer.lr = {lr:g} (try "
+                                 f"--config.dequantizer.lr={lr / 10:g}); the checkpoints in {directory} from before "
+                                 "those steps are kept")
+    return {"train_bpd": float(bpd.mean()), "grad_norm": float(grad_norm.mean())}
+
+
+def restore_dequantizer(config, workdir, setup):
+    """(model, params, step) of the newest flow in workdir/dequantizer; a ValueError naming the command that trains
+    one when there is none, or when the data are continuous or config.eval.dequantizer_nll is unknown."""
+    deq_config = dequantizer_config(config)
+    _require_levels(setup.dataset, config)
+    method = config.eval.get("dequantizer_nll", "ode")
+    _require(method in _VARIATIONAL_NLL, f"config.eval.dequantizer_nll must be one of {sorted(_VARIATIONAL_NLL)}, "
+                                         f"got {method!r}")
+    directory = os.path.join(workdir, "dequantizer")
+    step, manager = None, None
+    if os.path.isdir(os.path.join(directory, "checkpoints")):
+        step, manager = _latest(checkpoint_managers(directory, deq_config, create=False))
+    _require(step is not None, f"config.eval.dequantizer = True but {directory} holds no trained dequantizer; train "
+                               f"one first: python main.py --config=<this config> --workdir={workdir} "
+                               "--mode=train_dequantizer")
+    model = _dequantizer_model(config)
+    template = _abstract(jax.eval_shape(functools.partial(dq.init_state, jax.random.PRNGKey(0), model,
+                                                          setup.dataset.shape, losses.get_optimizer(deq_config))),
+                         setup.replicated)
+    _check_flow(step, manager, template, directory)
+    return model, restore(manager, step, template, directory).params, step
+
+
+def _check_flow(step, manager, template, directory):
+    """ValueError unless the flow saved at `step` (None: nothing saved) has the parameter shapes of `template`."""
+    if step is None:
+        return
+    saved, expected = _param_shapes(manager.item_metadata(step)["params"]), _param_shapes(template.params)
+    if saved != expected:  # the message is built only then: _model_difference needs a difference
+        raise ValueError(f"the dequantizer in {directory} was trained with other config.dequantizer settings "
+                         f"({_model_difference(saved, expected)}); pass those of {directory}/config.json, or delete "
+                         f"{directory} to train a new one")
+
+
+class _HeldOutIntegers:
+    """The held-out images as integers k [N, ...] for _per_example_results: the same k in every repeat (each
+    repeat draws its own u ~ q(u | k))."""
+
+    def __init__(self, dataset):
+        self.test_data = dataset.test_levels
+
+    def test_split(self, repeat=0):
+        return self.test_data
+
+
+# config.eval.dequantizer_nll -> (the -log p of dequantization: nll_fn(sde, score_fn, **options), its options)
+_VARIATIONAL_NLL = {"ode": (dq.ode_nll_fn, ode_settings),
+                    "bound": (dq.bound_nll_fn, lambda config, dataset: bound_settings(config))}
+
+
+def test_variational_bpd(rng, config, sde, score_fn, dataset, dequantizer, directory):
+    """{"bpd": [repeats, N]} dequantization.variational_bits_per_dim of the held-out integers (SPEC §4, seed 001):
+    one u ~ q(u | k) of `dequantizer` (restore_dequantizer) per example and repeat, -log p by the ODE with
+    test_nll's options or by seed 001's bound with test_bound's (config.eval.dequantizer_nll). Batch b of repeat r
+    uses the key fold_in(rng, r·batches + b) and is saved and read back like test_nll's (_per_example_results)."""
+    model, params, step = dequantizer
+    method = config.eval.get("dequantizer_nll", "ode")
+    make_nll, options = _VARIATIONAL_NLL[method]
+    options = options(config, dataset)
+    nll_fn = make_nll(sde, score_fn, **options)
+
+    def compute(key, k):
+        bpd = dq.variational_bits_per_dim(key, model, params, k, nll_fn, dataset.data_range, dataset.levels)
+        return {"bpd": to_host(bpd).astype(np.float64)}
+
+    settings = _evaluation_settings(config, method="variational_" + method, dequantizer_step=int(step),
+                                    dequantizer=config.dequantizer.to_dict(), **options)
+    return _per_example_results(rng, config, _HeldOutIntegers(dataset), directory, compute, settings)
+
+
+def _variational_scalars(rng, setup, score_fn, dequantizer, uniform, directory):
+    """vdeq_bpd ± vdeq_bpd_se over the held-out split (test_variational_bpd, files in directory/vdeq_<method>), the
+    dequantizer's step and whether -log p was the bound; with the uniform -log p of the same method at hand
+    (uniform[method] [repeats, N]), vdeq_gain_bpd ± se: uniform minus variational bits/dim, paired by image."""
+    config, dataset = setup.config, setup.dataset
+    method = config.eval.get("dequantizer_nll", "ode")
+    results = test_variational_bpd(rng, config, setup.sde, score_fn, dataset, dequantizer,
+                                   os.path.join(directory, "vdeq_" + method))
+    bpd = results["bpd"].mean(axis=0)
+    scalars = {"vdeq_bpd": float(bpd.mean()), "vdeq_bpd_se": _se(bpd), "vdeq_bound": float(method == "bound"),
+               "vdeq_step": float(dequantizer[2])}
+    if method in uniform:
+        gain = np.asarray(likelihood.bits_per_dim(-uniform[method].mean(axis=0), dataset.shape, dataset.data_range,
+                                                  dataset.levels), np.float64) - bpd
+        scalars.update(vdeq_gain_bpd=float(gain.mean()), vdeq_gain_bpd_se=_se(gain))
+    return scalars

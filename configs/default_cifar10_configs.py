@@ -8,9 +8,12 @@ configs/default_cifar10_configs.py), with these project deviations, shared by ev
 2. Added fields: data.tfds_data_dir (where scripts/prepare_dataset.py put the data), training.eps (smallest
    training time), training.max_to_keep (permanent checkpoints kept), sampling.eps (smallest sampling time, set
    by each experiment: 1e-3 VP / sub-VP, 1e-5 VE; SPEC §1), sampling.num_samples (the grid of --mode=sample),
-   eval.eps, eval.rtol, eval.atol and eval.exact_divergence (the likelihood ODE, SPEC §4), eval.num_test (test
-   images for bits/dim), eval.enable_sample_quality and the fields after it (FID / IS / KID, SPEC §8); ve/ncsn
-   and ve/ncsnv2 add sampling.step_lr. The reference's eval.enable_sampling is kept but not read.
+   training.fp (the score-FPE regularizer of seed 002, SPEC §5), config.dequantizer with eval.dequantizer and
+   eval.dequantizer_nll (variational dequantization of seed 001: --mode=train_dequantizer and the variational
+   bits/dim; score_flow's config.deq), eval.eps, eval.rtol, eval.atol and
+   eval.exact_divergence (the likelihood ODE, SPEC §4), eval.num_test (test images for bits/dim),
+   eval.enable_sample_quality and the fields after it (FID / IS / KID, SPEC §8); ve/ncsn and ve/ncsnv2 add
+   sampling.step_lr. The reference's eval.enable_sampling is kept but not read.
 3. Names are lower case as the code registers them: optim.optimizer "adam", sampling.predictor "ancestral" (the
    reference's "ancestral_sampling"); training.sde, sampling.method, predictor and corrector otherwise keep the
    reference's values ("vesde" | "vpsde" | "subvpsde"; "pc" | "ode" | "ald"; "reverse_diffusion" |
@@ -49,6 +52,28 @@ def get_default_configs():
     training.n_jitted_steps = 5           # steps per compiled call; log/eval/snapshot freqs must be multiples
     training.reduce_mean = False          # False: ½ sum over dimensions (VP / sub-VP experiments set True)
     training.eps = 1e-5                   # smallest training time
+    # Score Fokker-Planck regularizer (FP-Diffusion, SPEC §5) on the DSM objective: weight α (0 = off; the paper
+    # uses 0.15 for images), w(t) "one" | "g2", probe "exact" (small D) | "rademacher" | "gaussian", t range.
+    training.fp = ml_collections.ConfigDict(dict(weight=0.0, time_weighting="one", probe="rademacher",
+                                                 t_min=0.0, t_max=1.0))
+
+    # Variational dequantization (seed 001; SPEC §4). --mode=train_dequantizer (run_lib.train_dequantizer): the
+    # flow q(u | k) of dequantization.Dequantizer, fitted to the newest checkpoint's frozen EMA score by the DSM form
+    # of seed 001's bound; checkpoints: <workdir>/dequantizer.
+    # Sizes and schedule follow score_flow (yang-song/score_flow: configs/default_cifar10_configs.py config.deq,
+    # run_lib.train_deq, models/flowpp/dequantization_cifar10.py): 4 couplings of 96 filters, 300k steps of batch 128
+    # at optim's lr 2e-4 with its 5,000-step warm-up, one time per image, t importance-sampled, resumable every 10k.
+    config.dequantizer = dequantizer = ml_collections.ConfigDict()
+    dequantizer.num_couplings = 4         # affine couplings (score_flow: 4 mixture-logistic couplings)
+    dequantizer.features = 96             # channels of each coupling's 3x3 convolutions (score_flow: filters = 96)
+    dequantizer.lr = 2e-4
+    dequantizer.warmup = 5000             # linear learning-rate warm-up steps; optim.grad_clip applies too
+    dequantizer.num_steps = 300000
+    dequantizer.batch_size = 128
+    dequantizer.n_t = 2                   # times per image in the bound (score_flow 1; the estimator needs >= 2)
+    dequantizer.importance_sampling = True  # t ~ q(t) ∝ g²/σ² (seed 001)
+    dequantizer.eps = ml_collections.config_dict.placeholder(float)  # the bound's smallest time; unset: training.eps
+    dequantizer.snapshot_freq = 10000     # checkpoint (and resume point) every 10k steps and at the end
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.n_steps_each = 1             # corrector steps per noise level
@@ -77,6 +102,15 @@ def get_default_configs():
     evaluate.bpd_dataset = "test"
     evaluate.num_test = 10000             # the CIFAR-10 test split
     evaluate.bpd_repeats = 5              # dequantization and Hutchinson draws per test image (score-SDE's eval)
+    # Seed 001's bound on the SDE model's NLL (likelihood.likelihood_bound, DSM form), reported beside the ODE NLL.
+    evaluate.enable_bound = False
+    evaluate.bound_n_t = 1000             # time samples per test point (Monte-Carlo error per point ~ 1/sqrt(n_t))
+    evaluate.bound_importance = True      # t ~ q(t) ∝ g²/σ² (seed 001's importance sampling)
+    evaluate.bound_t_chunk = 8            # time samples evaluated together: a score batch of bound_t_chunk x batch
+    # Variational bits/dim (seed 001) with the dequantizer of --mode=train_dequantizer, beside the uniform numbers:
+    # -log p from the probability-flow ODE ("ode", eval.rtol / atol / eps) or seed 001's bound ("bound", eval.bound_*).
+    evaluate.dequantizer = False
+    evaluate.dequantizer_nll = "ode"
     evaluate.eps = 1e-5                   # the likelihood ODE starts here (SPEC §4)
     evaluate.exact_divergence = False     # Hutchinson: the exact trace needs D = 3072 passes
     evaluate.rtol = 1e-5

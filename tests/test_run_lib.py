@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -252,8 +253,8 @@ def test_eval_resumes_from_its_saved_batches_and_reports_its_settings(trained, t
     run_lib.evaluate(config, str(workdir))
     folder = workdir / "eval" / "step_00000008" / "nll"
     files = sorted(p.name for p in folder.iterdir())
-    assert files == [f"nll_r{r:03d}_b{b:05d}.npz" for r in range(2) for b in range(3)]
-    nll = np.array([np.concatenate([np.load(folder / f"nll_r{r:03d}_b{b:05d}.npz")["nll"] for b in range(3)])[:64]
+    assert files == [f"r{r:03d}_b{b:05d}.npz" for r in range(2) for b in range(3)]
+    nll = np.array([np.concatenate([np.load(folder / f"r{r:03d}_b{b:05d}.npz")["nll"] for b in range(3)])[:64]
                     for r in range(2)])
     assert not np.array_equal(nll[0], nll[1])                 # fresh probes (the tiny model is near-linear)
     (record,) = _records(workdir)
@@ -268,7 +269,7 @@ def test_eval_resumes_from_its_saved_batches_and_reports_its_settings(trained, t
     monkeypatch.setattr(likelihood, "log_likelihood", refuse)
     run_lib.evaluate(config, str(workdir))
     monkeypatch.undo()
-    (folder / "nll_r001_b00001.npz").unlink()
+    (folder / "r001_b00001.npz").unlink()
     run_lib.evaluate(config, str(workdir))
     first, *reruns = _records(workdir)
     assert all(r["test_nll"] == first["test_nll"] for r in reruns)  # the re-solved batch: bit-identical
@@ -277,6 +278,32 @@ def test_eval_resumes_from_its_saved_batches_and_reports_its_settings(trained, t
     run_lib.evaluate(config, str(workdir))
     assert _records(workdir)[-1]["test_nll"] != first["test_nll"]
     assert all(str(np.load(p)["settings"]).count('"rtol": 0.001') == 1 for p in folder.iterdir())
+
+
+def test_eval_reports_the_likelihood_bound_beside_the_ode_nll(trained, tmp_path):
+    """enable_bound: seed 001's bound per test point saved in eval/step_8/bound (resumable like the NLL), reported
+    as bound_nll ± se with its settings. Its mean over points from the data density is >= the density's entropy
+    (SPEC §3) within error, and it matches likelihood_bound called directly with the key test_bound derives."""
+    import likelihood
+
+    workdir = _copy(trained, tmp_path / "run")
+    config = tiny_config()
+    config.eval.enable_bound, config.eval.bound_n_t = True, 32
+    run_lib.evaluate(config, str(workdir))
+    (record,) = _records(workdir)
+    folder = workdir / "eval" / "step_00000008" / "bound"
+    saved = np.concatenate([np.load(folder / f"r000_b{b:05d}.npz")["nll"] for b in range(2)])
+    assert record["bound_nll"] == pytest.approx(saved.mean(), rel=1e-12)
+    assert (record["bound_n_t"], record["bound_importance"], record["bound_eps"]) == (32, 1.0, config.eval.eps)
+    assert record["bound_nll"] > record["entropy"] - 3 * (record["bound_nll_se"] + record["entropy_se"])
+    setup = run_lib.Setup(config)
+    state = run_lib.restore(run_lib.checkpoint_managers(str(workdir), config, create=False)[0], 8,
+                            setup.initial_state, str(workdir))
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(setup.rngs["eval"], 8), run_lib._BOUND), 0)
+    direct, _ = likelihood.likelihood_bound(key, setup.sde, setup.score_fn(state.ema_params),
+                                            jnp.asarray(setup.dataset.test_split(0)[:32]), n_t=32, eps=config.eval.eps,
+                                            t_chunk=8)
+    np.testing.assert_allclose(saved[:32], np.asarray(direct), rtol=1e-6)
 
 
 def _trained_image_mlp(workdir, dataset, size, channels):
