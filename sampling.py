@@ -562,6 +562,76 @@ def inpaint(rng, sde, score_fn, data, mask, transform=None, predictor="reverse_d
     return x, sde.N * (p.nfe + int(n_steps) * c.nfe)
 
 
+@functools.partial(jax.jit, static_argnames=("sde", "n_steps_each", "denoise", "init"))
+def _ald_inpaint(rng, score_fn, data, mask, transform, step_lr, *, sde, n_steps_each, denoise, init):
+    sigmas = _noise_levels(sde)
+    known = _to_latent(data, transform)
+
+    def impose(x, y):
+        return _from_latent(jnp.where(mask, y, _to_latent(x, transform)), transform)
+
+    def level_steps(k, carry):
+        level_rng, x = carry
+        level_rng, y_rng, steps_rng = jax.random.split(level_rng, 3)
+        level = sde.N - 1 - k
+        y = known + sigmas[level] * jax.random.normal(y_rng, known.shape)  # ỹ = y + σ_i z, fixed for the level
+        t = _batch_time(sde.level_time(level), data.shape)
+        alpha = step_lr * (sigmas[level] / sigmas[0]) ** 2
+
+        def langevin_step(j, x):
+            z = jax.random.normal(jax.random.fold_in(steps_rng, j), data.shape)
+            return impose(x + 0.5 * alpha * score_fn(x, t) + jnp.sqrt(alpha) * z, y)
+
+        return level_rng, jax.lax.fori_loop(0, n_steps_each, langevin_step, impose(x, y))
+
+    init_rng, loop_rng = jax.random.split(rng)
+    x = _ALD_INITS[init](init_rng, sde, data.shape)
+    _, x = jax.lax.fori_loop(0, sde.N, level_steps, (loop_rng, x))
+    if denoise:
+        x = x + sigmas[0] ** 2 * score_fn(x, _batch_time(sde.level_time(0), data.shape))
+    return impose(x, known)
+
+
+def ald_inpaint(rng, sde, score_fn, data, mask, transform=None, step_lr=2e-5, n_steps_each=100, denoise=True,
+                init="prior"):
+    """NCSN's inpainting by annealed Langevin dynamics (Song & Ermon 2019, the appendix's inpainting algorithm;
+    SPEC §6-7).
+
+    `ald_sample`'s levels, steps α_i = step_lr σ_i²/σ_L² and init, run on the whole x; at each level i a noisy copy
+    ỹ = y + σ_i z of the known latent coordinates y (mask and transform as for `inpaint`) is drawn once and imposed
+    before the level and after every Langevin step, so the score always sees the known part at the level's own
+    noise. After the optional denoising step x ← x + σ_L² s(x, σ_L) the known part is set exactly.
+    Returns (x [data.shape], nfe = N n_steps_each + denoise), nfe as for `ald_sample`.
+    """
+    data = jnp.asarray(data, jnp.float32)
+    transform = np.eye(data.shape[-1], dtype=np.float32) if transform is None else np.asarray(transform, np.float32)
+    mask = np.asarray(mask)
+    _check_inpainting_inputs(data, mask, transform)
+    if init not in _ALD_INITS:
+        raise ValueError(f"unknown ALD init {init!r}; choose one of {sorted(_ALD_INITS)}")
+    if int(n_steps_each) < 1:
+        raise ValueError(f"n_steps_each (Langevin steps per noise level) must be >= 1, got {n_steps_each}")
+    x = _ald_inpaint(rng, as_pytree(score_fn), data, jnp.asarray(mask, bool), jnp.asarray(transform),
+                     jnp.float32(step_lr), sde=sde, n_steps_each=int(n_steps_each), denoise=bool(denoise), init=init)
+    return x, sde.N * int(n_steps_each) + int(bool(denoise))
+
+
+# How each sampling method inpaints, with its options from config.sampling: NCSN's "ald" by `ald_inpaint`; every
+# other method by the PC loop of `inpaint` with config.sampling's predictor, corrector and snr.
+_PC_INPAINTING = (inpaint, lambda s: dict(predictor=s.predictor, corrector=s.corrector, snr=s.snr,
+                                          n_steps=s.n_steps_each, denoise=s.noise_removal, eps=s.eps))
+_INPAINTING = {"ald": (ald_inpaint, _CONFIG_OPTIONS["ald"])}
+
+
+def get_inpainting_fn(config, sde):
+    """fn(rng, score_fn, data, mask, transform=None) -> (x, nfe): `ald_inpaint` for config.sampling.method "ald",
+    else `inpaint` (PC) with config.sampling's predictor, corrector, snr, n_steps_each, noise_removal and eps."""
+    inpainter, options = _INPAINTING.get(config.sampling.method, _PC_INPAINTING)
+    options = options(config.sampling)
+    return lambda rng, score_fn, data, mask, transform=None: inpainter(rng, sde, score_fn, data, mask,
+                                                                       transform=transform, **options)
+
+
 def grey_projection(x, transform=COLOR_DECORRELATION):
     """x with all but its first latent coordinate (x M)[..., 0] set to 0: for RGB, the grey image R = G = B = mean."""
     transform = jnp.asarray(transform, jnp.float32)
