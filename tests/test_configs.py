@@ -43,7 +43,7 @@ REFERENCE_EXPERIMENTS = {
     "vp/ddpm/cifar10_continuous.py", "vp/ddpm/cifar10_unconditional.py",
 }
 BASES = ["default_cifar10_configs.py", "default_celeba_configs.py", "default_lsun_configs.py",
-         "default_mnist_configs.py"]
+         "default_mnist_configs.py", "default_imagenet32_configs.py"]
 MODEL_MODULES = ["ddpm", "ncsnpp", "ncsn", "ncsnv2"]
 
 # Fields every config has (toy ones included), by section, with their types.
@@ -165,7 +165,7 @@ def test_image_config_conventions(rel):
     _check_fields(config, IMAGE_FIELDS, rel)
     ve = config.training.sde == "vesde"
     assert config.data.centered == (not ve)
-    assert config.sampling.eps == (1e-5 if ve else 1e-3)
+    assert config.sampling.eps == SEED001_SAMPLING_EPS.get(rel, 1e-5 if ve else 1e-3)
     if rel in REFERENCE_EXPERIMENTS:  # the demo trades likelihood-ODE accuracy for minutes on a CPU
         assert config.eval.eps == 1e-5 and config.eval.rtol == 1e-5 and config.eval.atol == 1e-5
     assert not config.eval.exact_divergence
@@ -205,6 +205,12 @@ REFERENCE_VALUES = {
     "ve/ncsn/cifar10.py": {"model.sigma_max": 1.0, "model.num_scales": 10, "sampling.n_steps_each": 100,
                            "model.ema_rate": 0.0, "optim.lr": 1e-3, "optim.grad_clip": -1.0},
     "ve/ncsn/cifar10_1245.py": {"model.num_scales": 232, "model.ema_rate": 0.999, "sampling.snr": 0.176},
+    # ermongroup/ncsn configs/anneal.yml (MNIST block) and runners/anneal_runner.py (its sampler).
+    "ve/ncsn/mnist.py": {"training.batch_size": 128, "training.n_iters": 200001, "model.sigma_max": 1.0,
+                         "model.sigma_min": 0.01, "model.num_scales": 10, "model.nf": 64, "optim.lr": 1e-3,
+                         "optim.weight_decay": 0.0, "data.random_flip": False, "sampling.method": "ald",
+                         "sampling.step_lr": 2e-5, "sampling.n_steps_each": 100, "sampling.noise_removal": False,
+                         "sampling.ald_init": "uniform"},
     "ve/ncsn/celeba_124.py": {"model.num_scales": 500, "model.sigma_max": 90.0, "sampling.snr": 0.128},
     "ve/ncsnv2/bedroom.py": {"model.name": "ncsnv2_128", "model.num_scales": 1086, "model.sigma_max": 190.0,
                              "data.image_size": 128, "training.batch_size": 128, "training.continuous": False},
@@ -219,6 +225,75 @@ def test_reference_hyperparameters(rel):
     for dotted, expected in REFERENCE_VALUES[rel].items():
         section, key = dotted.split(".")
         assert config[section][key] == expected, f"{rel}: {dotted} = {config[section][key]!r}, expected {expected!r}"
+
+
+# Seed 001's experiments (Song, Durkan, Murray & Ermon 2021) with yang-song/score_flow's values: SDE, residual blocks
+# per resolution, dataset, the truncation eps of training and likelihood, and σ_eps to the two digits each file's
+# comment states. score_flow's sub-VP files also sample down to 1e-2 (score-SDE: 1e-3).
+SEED001 = {
+    "vp/cifar10_ddpmpp_likelihood.py": ("vpsde", 4, "CIFAR10", 1e-5, 1.0e-3),
+    "vp/cifar10_ddpmpp_deep_likelihood.py": ("vpsde", 8, "CIFAR10", 1e-5, 1.0e-3),
+    "vp/imagenet32_ddpmpp_likelihood.py": ("vpsde", 4, "IMAGENET32", 5e-5, 2.2e-3),
+    "vp/imagenet32_ddpmpp_deep_likelihood.py": ("vpsde", 8, "IMAGENET32", 5e-5, 2.2e-3),
+    "subvp/cifar10_ddpmpp_likelihood.py": ("subvpsde", 4, "CIFAR10", 1e-2, 2.0e-3),
+    "subvp/cifar10_ddpmpp_deep_likelihood.py": ("subvpsde", 8, "CIFAR10", 1e-2, 2.0e-3),
+    "subvp/imagenet32_ddpmpp_likelihood.py": ("subvpsde", 4, "IMAGENET32", 1e-2, 2.0e-3),
+    "subvp/imagenet32_ddpmpp_deep_likelihood.py": ("subvpsde", 8, "IMAGENET32", 1e-2, 2.0e-3),
+}
+SEED001_SAMPLING_EPS = {rel: 1e-2 for rel, (sde, *_) in SEED001.items() if sde == "subvpsde"}
+
+
+@pytest.mark.parametrize("rel", sorted(SEED001))
+def test_seed001_hyperparameters(rel):
+    """Likelihood weighting with importance sampling from eps, the likelihood measured from the same eps, the
+    ODE sampler, the last checkpoint only, score_flow's training length, optimizer, EMA and per-dataset data and
+    evaluation settings, and its variational-dequantization settings."""
+    config = load(rel)
+    sde, blocks, dataset, eps, _ = SEED001[rel]
+    t, e, d, m, o = config.training, config.eval, config.data, config.model, config.optim
+    assert (t.sde, t.weighting, t.continuous, t.reduce_mean) == (sde, "likelihood_importance", True, True)
+    assert t.eps == eps and e.eps == eps
+    assert m.num_res_blocks == blocks and t.n_iters == {4: 1300001, 8: 950001}[blocks]
+    assert e.begin_ckpt == e.end_ckpt == t.n_iters // t.snapshot_freq == {4: 26, 8: 19}[blocks]
+    assert (t.batch_size, o.lr, o.warmup, o.grad_clip, m.ema_rate) == (128, 2e-4, 5000, 1.0, 0.9999)
+    assert config.sampling.method == "ode" and e.enable_bpd and not e.enable_loss
+    cifar = dataset == "CIFAR10"
+    assert (d.dataset, d.random_flip, d.centered) == (dataset, False, True)
+    assert (m.dropout, e.bpd_repeats, e.num_test) == ((0.1, 5, 10000) if cifar else (0.0, 1, 50000))
+    q = config.dequantizer   # score_flow's config.deq: 300k steps of batch 128, lr 2e-4, 4 couplings of 96 filters
+    assert (q.num_steps, q.batch_size, q.lr, q.num_couplings, q.features) == (300000, 128, 2e-4, 4, 96)
+
+
+@pytest.mark.parametrize("rel", sorted(SEED001))
+def test_seed001_network_is_the_score_sde_baseline(rel):
+    """The paper compares objectives on one network: each file's model section equals the score-SDE config of the
+    same SDE and depth (vp/cifar10_ddpmpp_deep_continuous, ...) but for the dropout of ImageNet's base."""
+    baseline = load(rel.replace("imagenet32", "cifar10").replace("_likelihood", "_continuous")).model.to_dict()
+    model = load(rel).model.to_dict()
+    assert {**model, "dropout": baseline["dropout"]} == baseline
+
+
+@pytest.mark.parametrize("rel", sorted(SEED001))
+def test_seed001_truncation_noise_level(rel):
+    """σ_eps, the smallest noise level trained and integrated, is the value each file's comment states (to its two
+    digits: rtol 3%) and under a third of the 8-bit bin width 2/256 of [-1, 1]: VP σ² = 1 - exp(-B(t)), sub-VP
+    σ = 1 - exp(-B(t)), B(t) = β_min t + ½ (β_max - β_min) t² (SPEC §1), in float64 here."""
+    config = load(rel)
+    sde, _, _, eps, stated = SEED001[rel]
+    b = config.model.beta_min * eps + 0.5 * (config.model.beta_max - config.model.beta_min) * eps**2
+    sigma = -np.expm1(-b) if sde == "subvpsde" else np.sqrt(-np.expm1(-b))
+    np.testing.assert_allclose(float(sde_lib.get_sde(config).marginal_std(jnp.asarray(eps))), sigma, rtol=1e-5)
+    np.testing.assert_allclose(sigma, stated, rtol=0.03)
+    assert sigma < (2 / 256) / 3
+
+
+def test_seed001_docstrings_name_the_published_numbers():
+    for rel in SEED001:
+        doc = " ".join(_module(rel).__doc__.split())
+        assert "2.83" in doc and "3.76" in doc and "variational dequantization" in doc, rel
+        if "cifar10" in rel:  # the uniform-dequantization NLL of the λ = σ² baseline (score-SDE paper, Table 2)
+            baseline = {"vp": {4: "3.16", 8: "3.13"}, "subvp": {4: "3.02", 8: "2.99"}}[rel.split("/")[0]]
+            assert f"below the {baseline[SEED001[rel][1]]} of the same network" in doc, rel
 
 
 @pytest.mark.parametrize("rel", [rel for rel in EXPERIMENTS if "step_lr" in load(rel).sampling])
@@ -272,6 +347,8 @@ def test_smoke_shrinks_a_copy_and_keeps_the_experiment(rel):
     assert small.training.n_iters // small.training.snapshot_freq >= small.eval.end_ckpt
     if small.training.sde != "vesde":
         assert small.model.beta_max / small.model.num_scales < 1.0, "DDPM's largest β_i = β_max / N must be < 1"
+    if "dequantizer" in config:
+        assert small.dequantizer.num_steps == 4 and small.dequantizer.batch_size == 8
     if "image_size" in config.data:
         assert small.data.image_size == 16 and small.model.nf == 32
     else:
