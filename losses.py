@@ -124,14 +124,20 @@ class FPSettings:
     t_max: float = 1.0
 
 
+def _settings(config, section, cls):
+    """cls (a dataclass of defaults) from the fields of config.training.<section> (absent: the defaults);
+    ValueError listing the accepted fields for an unknown one."""
+    given = dict(config.training.get(section, {}))
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = set(given) - set(names)
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)} in config.training.{section}; it takes {names}")
+    return cls(**given)
+
+
 def fp_settings(config):
     """FPSettings from config.training.fp (absent: off); ValueError naming the field for a bad value."""
-    given = dict(config.training.get("fp", {}))
-    unknown = set(given) - {f.name for f in dataclasses.fields(FPSettings)}
-    if unknown:
-        raise ValueError(f"unknown fields {sorted(unknown)} in config.training.fp; it takes "
-                         f"{[f.name for f in dataclasses.fields(FPSettings)]}")
-    fp = FPSettings(**given)
+    fp = _settings(config, "fp", FPSettings)
     if fp.time_weighting not in FP_TIME_WEIGHTS:
         raise ValueError(f"config.training.fp.time_weighting must be one of {sorted(FP_TIME_WEIGHTS)}, "
                          f"got {fp.time_weighting!r}")
@@ -656,12 +662,7 @@ NCE_NOISES = {
 
 def ebm_settings(config):
     """EBMSettings from config.training.ebm (absent: the defaults); ValueError naming the field for a bad value."""
-    given = dict(config.training.get("ebm", {}))
-    unknown = set(given) - {f.name for f in dataclasses.fields(EBMSettings)}
-    if unknown:
-        raise ValueError(f"unknown fields {sorted(unknown)} in config.training.ebm; it takes "
-                         f"{[f.name for f in dataclasses.fields(EBMSettings)]}")
-    e = EBMSettings(**given)
+    e = _settings(config, "ebm", EBMSettings)
     if e.probe not in SSM_PROBES:
         raise ValueError(f"config.training.ebm.probe must be one of {SSM_PROBES}, got {e.probe!r}")
     if e.nce_noise not in NCE_NOISES:

@@ -61,10 +61,15 @@ class _NetworkScore:
     continuous: bool
 
     def __call__(self, variables, rng, x, t):
-        labels = self.sde.noise_labels(t, self.continuous)
-        rngs = {"dropout": rng} if self.train and rng is not None else {}
-        output = self.model.apply(variables, x, labels, train=self.train, rngs=rngs)
+        output = network_output(self.sde, self.model, self.train, self.continuous, variables, rng, x, t)
         return self.sde.output_to_score(output, t, self.continuous)
+
+
+def network_output(sde, model, train, continuous, variables, rng, x, t):
+    """model's raw output at (x, t): conditioned on sde.noise_labels(t), dropout fed by rng when train."""
+    labels = sde.noise_labels(t, continuous)
+    rngs = {"dropout": rng} if train and rng is not None else {}
+    return model.apply(variables, x, labels, train=train, rngs=rngs)
 
 
 from models import ddpm, energy, mlp, ncsn, ncsnpp, ncsnv2  # noqa: E402,F401  (registers the models)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from models import register_model
+from models import network_output, register_model
 from models.layers import noise_embedding
 from models.refinenet_layers import center_input
 
@@ -139,9 +139,7 @@ class _NetworkEnergy:
     continuous: bool
 
     def __call__(self, variables, rng, x, t):
-        labels = self.sde.noise_labels(t, self.continuous)
-        rngs = {"dropout": rng} if self.train and rng is not None else {}
-        return self.model.apply(variables, x, labels, train=self.train, rngs=rngs)
+        return network_output(self.sde, self.model, self.train, self.continuous, variables, rng, x, t)
 
 
 @dataclasses.dataclass(frozen=True)
