@@ -41,6 +41,7 @@ import losses  # noqa: E402
 import models  # noqa: E402
 from configs.default_toy_configs import get_default_configs  # noqa: E402
 from models import energy  # noqa: E402
+from scripts.study import write_keeping_notes  # noqa: E402
 
 BOX, GRID, INNER = 6.0, 400, 4.5
 N_TEST, N_MALA, MALA_STEPS, MALA_EPS = 5000, 1000, 500, 0.1
@@ -334,16 +335,7 @@ def figure(results_dirs, datasets_, names, path):
     fig.savefig(path, dpi=110)
 
 
-_NOTES = "<!-- notes: kept when the script rewrites this file -->"
-
-
 def write_report(path, body, command, settings, n_iters):
-    notes = ""
-    if os.path.exists(path):
-        with open(path) as f:
-            old = f.read()
-        if _NOTES in old:
-            notes = old[old.index(_NOTES):]
     header = (f"# Energy-based-model objectives on 2-D toys (scripts/ebm_study.py, seed 003)\n\n"
               f"Reproduce: `{command}`\n\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} "
               f"CPUs (shared with other jobs, so train s is only indicative), jax {jax.__version__}.\n\n"
@@ -351,8 +343,7 @@ def write_report(path, body, command, settings, n_iters):
               f"global-norm clip 1, batch {BATCH}, {n_iters} steps; {settings}. Evaluation: grid {GRID}² on "
               f"[-{BOX:g}, {BOX:g}]² (cell {2 * BOX / GRID:g}), {N_TEST} held-out points; MALA {N_MALA} chains, "
               f"{MALA_STEPS} steps, ε = {MALA_EPS} from uniform on the box.\n\n")
-    with open(path, "w") as f:
-        f.write(header + body + "\n\n" + (notes or _NOTES + "\n"))
+    write_keeping_notes(path, header + body)
 
 
 def main():

@@ -154,18 +154,24 @@ def table(study, results, floors, seeds):
     return "\n".join(lines)
 
 
-def write_report(path, study, body, command):
-    notes = ""
+def write_keeping_notes(path, text):
+    """Writes text to path, followed by what the old file held from its notes marker on (the hand-written
+    reading), or by the marker alone."""
+    notes = _NOTES + "\n"
     if os.path.exists(path):
         with open(path) as f:
             old = f.read()
         if _NOTES in old:
             notes = old[old.index(_NOTES):]
+    with open(path, "w") as f:
+        f.write(text + "\n\n" + notes)
+
+
+def write_report(path, study, body, command):
     header = (f"# {study} study (scripts/study.py)\n\nReproduce: `{command}`\n\nMachine: {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} CPUs, jax {jax.__version__}. Every run: VP SDE, MLP (3 layers of 64), batch 256, "
               f"Adam lr 2e-3, EMA 0.995; eval on 2,000 held-out points.\n\n")
-    with open(path, "w") as f:
-        f.write(header + body + "\n\n" + (notes or _NOTES + "\n"))
+    write_keeping_notes(path, header + body)
 
 
 def main():
