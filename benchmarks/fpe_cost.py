@@ -6,44 +6,30 @@
 For each config, the same train step (losses.get_step_fn: loss, gradient, Adam, EMA; jitted) is built twice: with
 config.training.fp.weight = 0 (plain DSM, the baseline) and = 0.15 (FP-Diffusion's image default) with the given
 probe. Step time is the mean over --steps calls after a compiling warm-up call on random data of the config's
-shape; memory is the compiled step's temporary buffers as XLA reports them (memory_analysis: the live working set
-besides parameters and batch, a device-independent proxy for peak memory). One line per config, with the ratios.
+shape; memory is the compiled step's temporary buffers (state donated, as run_lib trains) as XLA reports them
+(memory_analysis: the live working set besides parameters and batch, a device-independent proxy for peak memory).
+One line per config, with the ratios.
 """
 import argparse
 import os
 import sys
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import losses  # noqa: E402
-import models  # noqa: E402
-import run_lib  # noqa: E402
-import sde_lib  # noqa: E402
-from benchmarks.train_throughput import load_config, timed  # noqa: E402
+from benchmarks.train_throughput import load_config, train_step, train_step_seconds  # noqa: E402
 
 DEFAULT_CONFIGS = "configs/toy/vp_gmm.py,configs/demo/mnist_ddpmpp.py"
 
 
 def step_cost(config, steps):
     """(seconds per train step, temporary bytes of the compiled step) on random data of config's shape."""
-    model, sde = models.create_model(config), sde_lib.get_sde(config)
-    shape = (config.training.batch_size,) + run_lib.input_shape(config)
-    rng = jax.random.PRNGKey(config.seed)
-    state = losses.init_train_state(rng, config, model, (1,) + shape[1:])
-    step_fn = jax.jit(losses.get_step_fn(losses.get_loss_fn(config, sde, model), losses.get_optimizer(config),
-                                         config.model.ema_rate))
-    batch = jax.random.uniform(rng, shape, jnp.float32, -1.0, 1.0)
+    step = train_step(config)
+    step_fn, state, batch, rng = step
     memory = step_fn.lower(state, batch, rng).compile().memory_analysis()
-    holder = [state]
-
-    def one_step():
-        holder[0], metrics = step_fn(holder[0], batch, rng)
-        return metrics["loss"]
-
-    return timed(one_step, steps), memory.temp_size_in_bytes
+    return train_step_seconds(config, steps, step), memory.temp_size_in_bytes
 
 
 def main():

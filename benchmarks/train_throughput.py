@@ -52,15 +52,22 @@ def matmul_gflops(n=1024, steps=20):
     return 2 * n**3 / timed(lambda: matmul(a), steps) / 1e9
 
 
-def train_step_seconds(config, steps):
-    """Seconds per train step of config's model at config.training.batch_size on random data."""
+def train_step(config):
+    """(jitted step_fn, initial state, batch, rng): config's train step (the function run_lib trains with) on
+    random data of its shape at config.training.batch_size."""
     model, sde = models.create_model(config), sde_lib.get_sde(config)
     shape = (config.training.batch_size,) + run_lib.input_shape(config)
     rng = jax.random.PRNGKey(config.seed)
     state = losses.init_train_state(rng, config, model, (1,) + shape[1:])
     step_fn = jax.jit(losses.get_step_fn(losses.get_loss_fn(config, sde, model), losses.get_optimizer(config),
                                          config.model.ema_rate), donate_argnums=0)
-    batch = jax.random.uniform(rng, shape, jnp.float32, -1.0, 1.0)
+    return step_fn, state, jax.random.uniform(rng, shape, jnp.float32, -1.0, 1.0), rng
+
+
+def train_step_seconds(config, steps, step=None):
+    """Seconds per train step of config's model at config.training.batch_size on random data (step: the
+    train_step(config) tuple, if already built)."""
+    step_fn, state, batch, rng = step or train_step(config)
     holder = [state]
 
     def one_step():
