@@ -183,15 +183,25 @@ def discrete_loss(rng, sde, score_fn, x, reduce_mean=False):
 # --- Objectives: a registry, so new ones (FP regularizer, EBM objectives) plug into get_loss_fn. ---
 
 _OBJECTIVES = {}
+_OBJECTIVE_STATES = {}
+
+# The key under which a stateful objective's loss_fn returns its next state in aux (the train step writes it back).
+NEXT_OBJECTIVE_STATE = "next_objective_state"
 
 
-def register_objective(name):
-    """Decorator for `objective(config, sde, score_fn, x, rng) -> (per-example loss [B], aux dict of scalars)`."""
+def register_objective(name, init_state=None):
+    """Decorator for `objective(config, sde, score_fn, x, rng) -> (per-example loss [B], aux dict of scalars)`.
+
+    A stateful objective (persistent CD's replay buffer) names `init_state(config, sde, rng, example_shape) -> pytree`
+    and takes the state as a sixth argument, returning (loss [B], aux, next state); the state lives in
+    TrainState.objective_state, checkpointed with the parameters.
+    """
 
     def register(fn):
         if name in _OBJECTIVES:
             raise ValueError(f"an objective named {name!r} is already registered")
         _OBJECTIVES[name] = fn
+        _OBJECTIVE_STATES[name] = init_state
         return fn
 
     return register
@@ -233,16 +243,25 @@ def get_loss_fn(config, sde, model, train=True):
     if fp_settings(config).weight > 0 and name != "dsm":
         raise ValueError(f"config.training.fp.weight > 0 regularizes the continuous DSM objective only; the "
                          f"objective here is {name!r} (set training.continuous = True or fp.weight = 0)")
-    objective = _OBJECTIVES[name]
+    objective, stateful = _OBJECTIVES[name], _OBJECTIVE_STATES[name] is not None
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, batch, rng, objective_state=None):
         dropout_rng, loss_rng = jax.random.split(rng)
         score_fn = models.get_score_fn(sde, model, {"params": params}, train=train,
                                        continuous=config.training.continuous, rng=dropout_rng)
-        losses, aux = objective(config, sde, score_fn, batch, loss_rng)
-        return jnp.mean(losses), aux
+        if not stateful:
+            losses, aux = objective(config, sde, score_fn, batch, loss_rng)
+            return jnp.mean(losses), aux
+        losses, aux, next_state = objective(config, sde, score_fn, batch, loss_rng, objective_state)
+        return jnp.mean(losses), {**aux, NEXT_OBJECTIVE_STATE: next_state}
 
     return loss_fn
+
+
+def init_objective_state(config, sde, rng, example_shape):
+    """The initial state of config's objective (None for the stateless ones)."""
+    init_state = _OBJECTIVE_STATES[_objective_name(config)]
+    return None if init_state is None else init_state(config, sde, rng, tuple(example_shape))
 
 
 # --- Optimizer (score-SDE conventions). ---
@@ -293,10 +312,12 @@ class TrainState:
     params: Any
     opt_state: Any
     ema_params: Any
+    objective_state: Any = None   # a stateful objective's state (persistent CD's ReplayBuffer), else None
 
 
 def init_train_state(rng, config, model, input_shape):
-    """Initial TrainState: model.init on a zero batch of input_shape [B, ...]; EMA starts as a copy of params.
+    """Initial TrainState: model.init on a zero batch of input_shape [B, ...]; EMA starts as a copy of params;
+    the objective's state (if any) from key fold_in(rng, 1).
 
     The labels are those training feeds the network (sde.noise_labels at t = T/2): σ, 999 t or, for discrete
     training, integer noise-level indices, which the NCSN family requires.
@@ -307,18 +328,22 @@ def init_train_state(rng, config, model, input_shape):
     params = jax.jit(functools.partial(model.init, train=False))({"params": rng}, x, labels)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=get_optimizer(config).init(params),
-                      ema_params=jax.tree.map(jnp.copy, params))
+                      ema_params=jax.tree.map(jnp.copy, params),
+                      objective_state=init_objective_state(config, sde, jax.random.fold_in(rng, 1), input_shape[1:]))
 
 
 def _train_step(loss_fn, optimizer, ema_rate, state, batch, rng):
     """One update with key fold_in(rng, step); the state is returned unchanged when loss or gradient is not finite."""
     key = jax.random.fold_in(rng, state.step)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key, state.objective_state)
+    aux = dict(aux)
+    objective_state = aux.pop(NEXT_OBJECTIVE_STATE, state.objective_state)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state.ema_params, params)
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+                           objective_state=objective_state)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.float32), **aux}
@@ -356,7 +381,8 @@ def get_eval_fn(loss_fn):
     Build loss_fn with get_loss_fn(..., train=False) so dropout is off."""
 
     def eval_fn(state, batch, rng):
-        loss, aux = loss_fn(state.ema_params, batch, rng)
+        loss, aux = loss_fn(state.ema_params, batch, rng, state.objective_state)
+        aux = {k: v for k, v in aux.items() if k != NEXT_OBJECTIVE_STATE}
         return {"loss": loss, **aux}
 
     return eval_fn
@@ -409,6 +435,11 @@ def _log_proposal(x_to, x_from, grad_from, step_size):
     return -_per_example_sq_norm(x_to - x_from + 0.5 * step_size**2 * grad_from) / (2.0 * step_size**2)
 
 
+# Chains of up to this many steps are unrolled: XLA:CPU runs a convolution's input gradient about 5x slower inside
+# a while loop than unrolled (energy_conv, batch 64: 100 vs 20 ms a Langevin step, jax 0.10.2); longer chains loop.
+MAX_UNROLLED_STEPS = 32
+
+
 def langevin_mcmc(rng, energy_fn, x, n_steps, step_size, grad_clip=0.0, mala=False):
     """n_steps Langevin steps from x [B, ...] for p ∝ exp(-E) (SPEC §6). Returns (x [B, ...], acceptance [B]).
 
@@ -441,7 +472,8 @@ def langevin_mcmc(rng, energy_fn, x, n_steps, step_size, grad_clip=0.0, mala=Fal
         return pick(proposal, x), pick(energy_p, energy), pick(grad_p, grad), accepted + accept
 
     carry = (x, energy, grad, jnp.zeros(x.shape[:1], x.dtype))
-    x, _, _, accepted = jax.lax.fori_loop(0, int(n_steps), step, carry)
+    unroll = int(n_steps) if 0 < int(n_steps) <= MAX_UNROLLED_STEPS else 1
+    x, _, _, accepted = jax.lax.fori_loop(0, int(n_steps), step, carry, unroll=unroll)
     acceptance = accepted / int(n_steps) if n_steps else jnp.ones_like(accepted)
     return jax.lax.stop_gradient(x), acceptance
 
@@ -478,9 +510,9 @@ class ReplayBuffer:
     """The state of persistent contrastive divergence: `samples` [N, ...], the current states of N persistent chains.
 
     It is a pytree the caller carries: persistent_cd_loss takes one and returns the next, so the whole step stays a
-    pure function. In run_lib it would live beside the parameters (a TrainState field, checkpointed with them so a
-    resumed run continues the same chains), be returned from the loss through value_and_grad's aux and written back
-    by the train step; with data parallelism, N sharded along its first axis like the batch. N = B is the plain
+    pure function. The "ebm_pcd" objective keeps it in TrainState.objective_state (checkpointed with the parameters,
+    so a resumed run continues the same chains); the train step writes back the buffer the loss returns through
+    aux (NEXT_OBJECTIVE_STATE). N = B is the plain
     "persistent chains" PCD; N > B is a replay buffer as in Du & Mordatch (2019), who restart 5% of the chains
     from noise at each step (persistent_cd_loss's default reinit_prob).
     """
@@ -633,7 +665,8 @@ class EBMSettings:
     """config.training.ebm: Langevin (CD-k) settings, SSM probes, the DSM level and NCE's noise.
 
     langevin_steps k and step_size ε (x ← x - (ε²/2)∇E + ε z), grad_clip (per-chain norm, 0 = off), mala, and
-    energy_reg α for "ebm_cd"; n_slices and probe ("gaussian" | "rademacher") for "ebm_ssm" / "ebm_ssm_vr"; sigma for
+    energy_reg α for "ebm_cd" and "ebm_pcd"; for "ebm_pcd" also buffer_size N, reinit_prob and chain_init (a key of
+    sde_lib.INITIAL_NOISE: where the buffer's and restarted chains begin); n_slices and probe ("gaussian" | "rademacher") for "ebm_ssm" / "ebm_ssm_vr"; sigma for
     "ebm_dsm"; nce_noise (a key of NCE_NOISES) and nce_ratio ν for "ebm_nce".
     """
 
@@ -642,6 +675,9 @@ class EBMSettings:
     grad_clip: float = 0.0
     mala: bool = False
     energy_reg: float = 0.0
+    buffer_size: int = 10000
+    reinit_prob: float = 0.05
+    chain_init: str = "uniform"
     n_slices: int = 1
     probe: str = "gaussian"
     sigma: float = 0.1
@@ -667,6 +703,11 @@ def ebm_settings(config):
         raise ValueError(f"config.training.ebm.probe must be one of {SSM_PROBES}, got {e.probe!r}")
     if e.nce_noise not in NCE_NOISES:
         raise ValueError(f"config.training.ebm.nce_noise must be one of {sorted(NCE_NOISES)}, got {e.nce_noise!r}")
+    if e.chain_init not in sde_lib.INITIAL_NOISE:
+        raise ValueError(f"config.training.ebm.chain_init must be one of {sorted(sde_lib.INITIAL_NOISE)}, got "
+                         f"{e.chain_init!r}")
+    if not 0 <= e.reinit_prob <= 1:
+        raise ValueError(f"config.training.ebm.reinit_prob must lie in [0, 1], got {e.reinit_prob}")
     if e.step_size <= 0 or e.sigma <= 0 or e.langevin_steps < 1 or e.n_slices < 1 or e.nce_ratio < 1:
         raise ValueError(f"config.training.ebm needs step_size, sigma > 0 and langevin_steps, n_slices, nce_ratio "
                          f">= 1, got {e}")
@@ -683,6 +724,25 @@ def _cd_objective(config, sde, score_fn, x, rng):
     e = ebm_settings(config)
     return contrastive_divergence_loss(rng, _data_energy(config, score_fn), x, e.langevin_steps, e.step_size,
                                        e.grad_clip, e.mala, e.energy_reg)
+
+
+def _chain_init(settings, sde):
+    """init_fn(rng, shape) of the chains persistent CD starts from noise."""
+    return lambda rng, shape: sde_lib.initial_noise(settings.chain_init, rng, sde, shape)
+
+
+def _init_replay_buffer(config, sde, rng, example_shape):
+    e = ebm_settings(config)
+    return init_replay_buffer(rng, _chain_init(e, sde), e.buffer_size, example_shape)
+
+
+@register_objective("ebm_pcd", init_state=_init_replay_buffer)
+def _pcd_objective(config, sde, score_fn, x, rng, buffer):
+    e = ebm_settings(config)
+    loss, buffer, aux = persistent_cd_loss(rng, _data_energy(config, score_fn), x, buffer, _chain_init(e, sde),
+                                           e.langevin_steps, e.step_size, e.reinit_prob, e.grad_clip, e.mala,
+                                           e.energy_reg)
+    return loss, aux, buffer
 
 
 @register_objective("ebm_sm")

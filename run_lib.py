@@ -264,13 +264,17 @@ def _model_difference(saved, expected):
 
 def restore(manager, step, template, workdir):
     """The TrainState saved at `step`, replicated like `template`; ValueError if a different model made it."""
-    saved = _param_shapes(manager.item_metadata(step)["params"])
+    metadata = manager.item_metadata(step)
+    saved = _param_shapes(metadata["params"])
     expected = _param_shapes(template.params)
     if saved != expected:
         raise ValueError(f"checkpoint in {workdir} was made by a different model: "
                          f"{_model_difference(saved, expected)}; use a new --workdir")
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
     try:
+        if template.objective_state is None and "objective_state" not in metadata:   # written before the field
+            fields = {name: getattr(abstract, name) for name in ("step", "params", "opt_state", "ema_params")}
+            return template.replace(**manager.restore(step, args=ocp.args.StandardRestore(fields)))
         return manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except ValueError as e:
         raise ValueError(f"checkpoint in {workdir} does not match the training state built from the config "

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sde_lib import VESDE, VPSDE, as_pytree, batch_mul, check_eps, subVPSDE
+from sde_lib import VESDE, VPSDE, as_pytree, batch_mul, check_eps, initial_noise, subVPSDE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,19 +369,6 @@ def ode_sample(rng, sde, score_fn, shape, solver="tsit5", rtol=1e-5, atol=1e-5, 
     return x, int(nfe)
 
 
-def _uniform_init(rng, sde, shape):
-    """NCSN's starting point: uniform noise on [0, 1]^D."""
-    del sde
-    return jax.random.uniform(rng, shape)
-
-
-def _prior_init(rng, sde, shape):
-    return sde.prior_sampling(rng, shape)
-
-
-_ALD_INITS = {"prior": _prior_init, "uniform": _uniform_init}
-
-
 def _noise_levels(sde):
     """The SDE's discrete noise levels σ_i, i = 0..N-1, increasing in i (level time sde.level_time(i))."""
     return sde.discrete_marginal(jnp.zeros((sde.N,)), jnp.arange(sde.N))[1]
@@ -401,7 +388,7 @@ def _ald_sample(rng, score_fn, step_lr, *, sde, shape, n_steps_each, denoise, in
         return step_rng, x + 0.5 * alpha * score + jnp.sqrt(alpha) * jax.random.normal(now, shape)
 
     init_rng, loop_rng = jax.random.split(rng)
-    x = _ALD_INITS[init](init_rng, sde, shape)
+    x = initial_noise(init, init_rng, sde, shape)
     _, x = jax.lax.fori_loop(0, sde.N * n_steps_each, step, (loop_rng, x))
     if denoise:
         x = x + sigma_last**2 * score_fn(x, _batch_time(sde.level_time(0), shape))
@@ -417,8 +404,6 @@ def ald_sample(rng, sde, score_fn, shape, step_lr=2e-5, n_steps_each=100, denois
     The levels are sde.discrete_marginal's: a VESDE's discrete_sigmas (NCSN), or DDPM's for a VPSDE.
     Returns (x [shape], nfe = N n_steps_each + denoise).
     """
-    if init not in _ALD_INITS:
-        raise ValueError(f"unknown ALD init {init!r}; choose one of {sorted(_ALD_INITS)}")
     if int(n_steps_each) < 1:
         raise ValueError(f"n_steps_each (Langevin steps per noise level) must be >= 1, got {n_steps_each}")
     x = _ald_sample(rng, as_pytree(score_fn), jnp.float32(step_lr), sde=sde, shape=tuple(shape),
@@ -426,7 +411,35 @@ def ald_sample(rng, sde, score_fn, shape, step_lr=2e-5, n_steps_each=100, denois
     return x, sde.N * int(n_steps_each) + int(bool(denoise))
 
 
-_METHODS = {"pc": pc_sample, "ode": ode_sample, "ald": ald_sample, "euler": euler_sample}
+@functools.partial(jax.jit, static_argnames=("sde", "shape", "n_steps", "init"))
+def _langevin_sample(rng, score_fn, step_size, t, *, sde, shape, n_steps, init):
+    init_rng, loop_rng = jax.random.split(rng)
+    time = _batch_time(t, shape)
+
+    def step(k, x):
+        z = jax.random.normal(jax.random.fold_in(loop_rng, k), shape)
+        return x + 0.5 * step_size**2 * score_fn(x, time) + step_size * z
+
+    return jax.lax.fori_loop(0, n_steps, step, initial_noise(init, init_rng, sde, shape))
+
+
+def langevin_sample(rng, sde, score_fn, shape, step_size=0.01, n_steps=100, init="uniform", eps=1e-5):
+    """Langevin dynamics at the single time eps: the sampler of an energy-based model (SPEC §6, seed 003).
+
+    n_steps unadjusted steps x ← x + (ε²/2) s(x, eps) + ε z, z ~ N(0, I), ε = step_size (the convention of
+    losses.langevin_mcmc, which trains with the same chains), from sde_lib.INITIAL_NOISE[init]. It needs only the
+    score, so it runs on any model; for an energy network s = -∇x E. Returns (x [shape], nfe = n_steps).
+    """
+    if int(n_steps) < 1 or float(step_size) <= 0:
+        raise ValueError(f"Langevin sampling needs n_steps >= 1 and step_size > 0, got {n_steps} and {step_size}")
+    check_eps(eps, sde.T)
+    x = _langevin_sample(rng, as_pytree(score_fn), jnp.float32(step_size), jnp.float32(eps), sde=sde,
+                         shape=tuple(shape), n_steps=int(n_steps), init=init)
+    return x, int(n_steps)
+
+
+_METHODS = {"pc": pc_sample, "ode": ode_sample, "ald": ald_sample, "euler": euler_sample,
+            "langevin": langevin_sample}
 
 
 def get_method(name):
@@ -434,7 +447,8 @@ def get_method(name):
 
 
 def sample(rng, sde, score_fn, shape, method="pc", **kwargs):
-    """Samples `shape` from the model with the named method ("pc" | "ode" | "ald" | "euler"); returns (x, nfe)."""
+    """Samples `shape` from the model with the named method ("pc" | "ode" | "ald" | "euler" | "langevin"); returns
+    (x, nfe)."""
     return get_method(method)(rng, sde, score_fn, shape, **kwargs)
 
 
@@ -449,6 +463,8 @@ _CONFIG_OPTIONS = {
                           denoise=s.noise_removal),
     "ald": lambda s: dict(step_lr=s.get("step_lr", 2e-5), n_steps_each=s.n_steps_each, denoise=s.noise_removal,
                           init=s.get("ald_init", "prior")),
+    "langevin": lambda s: dict(step_size=s.get("langevin_step_size", 0.01), n_steps=s.n_steps_each,
+                               init=s.get("langevin_init", "uniform"), eps=s.eps),
 }
 
 
@@ -456,7 +472,8 @@ def get_sampling_fn(config, sde, shape):
     """fn(rng, score_fn) -> (x, nfe) for config.sampling.method with its options from config.sampling.
 
     Optional fields: probability_flow (pc); ode_solver, ode_rtol / ode_atol (adaptive solvers), ode_steps /
-    ode_schedule / ode_rho (fixed-step solvers) (ode); step_lr / ald_init (ald).
+    ode_schedule / ode_rho (fixed-step solvers) (ode); step_lr / ald_init (ald); langevin_step_size /
+    langevin_init (langevin, n_steps_each steps).
     """
     method = config.sampling.method
     sampler = get_method(method)
@@ -585,7 +602,7 @@ def _ald_inpaint(rng, score_fn, data, mask, transform, step_lr, *, sde, n_steps_
         return level_rng, jax.lax.fori_loop(0, n_steps_each, langevin_step, impose(x, y))
 
     init_rng, loop_rng = jax.random.split(rng)
-    x = _ALD_INITS[init](init_rng, sde, data.shape)
+    x = initial_noise(init, init_rng, sde, data.shape)
     _, x = jax.lax.fori_loop(0, sde.N, level_steps, (loop_rng, x))
     if denoise:
         x = x + sigmas[0] ** 2 * score_fn(x, _batch_time(sde.level_time(0), data.shape))
@@ -607,8 +624,6 @@ def ald_inpaint(rng, sde, score_fn, data, mask, transform=None, step_lr=2e-5, n_
     transform = np.eye(data.shape[-1], dtype=np.float32) if transform is None else np.asarray(transform, np.float32)
     mask = np.asarray(mask)
     _check_inpainting_inputs(data, mask, transform)
-    if init not in _ALD_INITS:
-        raise ValueError(f"unknown ALD init {init!r}; choose one of {sorted(_ALD_INITS)}")
     if int(n_steps_each) < 1:
         raise ValueError(f"n_steps_each (Langevin steps per noise level) must be >= 1, got {n_steps_each}")
     x = _ald_inpaint(rng, as_pytree(score_fn), data, jnp.asarray(mask, bool), jnp.asarray(transform),

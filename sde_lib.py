@@ -360,6 +360,26 @@ def as_pytree(score_fn):
     return score_fn if isinstance(score_fn, jax.tree_util.Partial) else jax.tree_util.Partial(score_fn)
 
 
+def _uniform_noise(rng, sde, shape):
+    del sde
+    return jax.random.uniform(rng, shape)
+
+
+def _prior_noise(rng, sde, shape):
+    return sde.prior_sampling(rng, shape)
+
+
+# Where chains start that do not start from data: NCSN's uniform noise on [0, 1]^D, or the SDE's prior.
+INITIAL_NOISE = {"prior": _prior_noise, "uniform": _uniform_noise}
+
+
+def initial_noise(name, rng, sde, shape):
+    """A draw of INITIAL_NOISE[name] of `shape` (ValueError naming the choices for an unknown name)."""
+    if name not in INITIAL_NOISE:
+        raise ValueError(f"unknown initial noise {name!r}; choose one of {sorted(INITIAL_NOISE)}")
+    return INITIAL_NOISE[name](rng, sde, shape)
+
+
 def check_eps(eps, T=1.0):
     if not 0.0 < float(eps) < T:
         raise ValueError(f"eps must lie in (0, T) = (0, {T}), got {eps}")

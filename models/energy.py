@@ -5,9 +5,13 @@ energy per example [B]; `models.get_score_fn` recognises them (class attribute `
 conservative score -∇x E, so every sampler, likelihood and evaluator takes an energy model through the same
 score_fn(x, t) seam as a score network, and its Jacobian (the negative Hessian of E) is symmetric by construction.
 
-Every energy network ends in `EnergyReadout`: a linear read-out of the features, an optional ½ q ||x||² (config
-field model.energy_quadratic = q ≥ 0; q > 0 makes exp(-E) integrable whatever the network does far from the data)
-and a learnable scalar c (parameter "log_normalizer"). The score ignores c; noise-contrastive estimation learns it
+Every energy network ends in `EnergyReadout`: a linear read-out of the features times a fixed scale (config field
+model.energy_scale = S > 0, default 1), an optional ½ q ||x||² (model.energy_quadratic = q ≥ 0; q > 0 makes
+exp(-E) integrable whatever the network does far from the data) and a learnable scalar c (parameter
+"log_normalizer"). S is an inverse temperature: Langevin chains with the noise ε that images need (~0.01 per pixel)
+sample a sharp density only when ∇E is ~1/ε² large, which Adam (steps of ~lr in each weight) would take millions
+of steps to grow from a zero read-out; S = 1e4 starts the energy at that scale, as the decoupled step sizes of Du
+& Mordatch (2019) do implicitly. The score ignores c; noise-contrastive estimation learns it
 as the log-normalizer, log p_θ = -E_θ = -(network + c) (SPEC §6), so after NCE training params[...]["log_normalizer"]
 estimates log Z of the unnormalized rest.
 
@@ -30,15 +34,17 @@ from models.refinenet_layers import center_input
 
 
 class EnergyReadout(nn.Module):
-    """Features h [B, F] and the input x [B, ...] -> energy [B] = wᵀh + ½ q ||x||² + c (c: "log_normalizer")."""
+    """Features h [B, F] and the input x [B, ...] -> energy [B] = S wᵀh + ½ q ||x||² + c (c: "log_normalizer")."""
 
     quadratic: float = 0.0
+    scale: float = 1.0
 
     @nn.compact
     def __call__(self, h, x):
-        if self.quadratic < 0:
-            raise ValueError(f"config.model.energy_quadratic must be >= 0, got {self.quadratic}")
-        energy = nn.Dense(1, use_bias=False, kernel_init=nn.initializers.zeros)(h)[:, 0]
+        if self.quadratic < 0 or self.scale <= 0:
+            raise ValueError(f"config.model.energy_quadratic must be >= 0 and energy_scale > 0, got "
+                             f"{self.quadratic} and {self.scale}")
+        energy = self.scale * nn.Dense(1, use_bias=False, kernel_init=nn.initializers.zeros)(h)[:, 0]
         log_normalizer = self.param("log_normalizer", nn.initializers.zeros, ())
         sq = jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=1)
         return energy + 0.5 * self.quadratic * sq + log_normalizer
@@ -81,7 +87,7 @@ class EnergyMLP(nn.Module):
                 r = r + nn.Dense(width)(act(cond))
             r = nn.Dropout(m.get("dropout", 0.0), deterministic=not train)(act(r))
             h = h + nn.Dense(width)(r)
-        energy = EnergyReadout(m.get("energy_quadratic", 0.0))(act(h), x)
+        energy = EnergyReadout(m.get("energy_quadratic", 0.0), m.get("energy_scale", 1.0))(act(h), x)
         return _finish(energy, labels, self.config)
 
 
@@ -114,7 +120,7 @@ class EnergyConv(nn.Module):
             h = nn.Conv(m.nf * mult, (3, 3), strides=(2, 2), padding="SAME")(act(h))
         h = nn.Dense(2 * m.nf)(act(jnp.mean(h, axis=(1, 2))))
         h = nn.Dropout(m.get("dropout", 0.0), deterministic=not train)(h)
-        energy = EnergyReadout(m.get("energy_quadratic", 0.0))(act(h), x)
+        energy = EnergyReadout(m.get("energy_quadratic", 0.0), m.get("energy_scale", 1.0))(act(h), x)
         return _finish(energy, labels, self.config)
 
 

@@ -1,8 +1,9 @@
-"""The experiments of seeds 000-002 on 2-D toys: DSM weightings, and DSM with the score Fokker-Planck regularizer.
+"""The experiments of seeds 000-002 on 2-D toys and embedded MNIST: DSM weightings, and DSM with the score
+Fokker-Planck regularizer.
 
     python scripts/study.py --study=weighting        # σ² vs likelihood vs likelihood + importance sampling
     python scripts/study.py --study=fp               # DSM vs DSM + FP (likelihood weighting both)
-    [--datasets=eight_gaussians,checkerboard] [--seeds=0,1,2] [--workdir=runs/studies] [--n_iters=3000]
+    [--datasets=eight_gaussians,checkerboard,MNIST5K] [--seeds=0,1,2] [--workdir=runs/studies] [--n_iters=3000]
 
 Every (dataset, arm, seed) trains configs/toy/vp_eight_gaussians.py's setup (VP SDE, MLP, batch 256, 3,000 steps)
 with the arm's overrides and config.seed = seed (data, initialization and training noise all follow it), then
@@ -10,7 +11,11 @@ evaluates the EMA parameters with --mode=eval's code on 2,000 held-out points: t
 (exact divergence), seed 001's bound (1,000 importance-sampled times per point), the mean squared score-FPE residual
 and the conservativity; and draws 2,000 samples (the config's Euler-Maruyama sampler) for the sliced Wasserstein-2
 distance to the held-out points. The spread of the likelihood-weighted loss estimator on the trained model, with
-t uniform and with t ~ q(t) ∝ g²/σ², tests seed 001's variance claim. Each run's numbers are saved in its workdir
+t uniform and with t ~ q(t) ∝ g²/σ², tests seed 001's variance claim. MNIST5K (the embedded digits) trains
+configs/demo/mnist_ddpmpp.py (the DDPM++ demo, batch 16) instead and reports bits/dim (Hutchinson ODE, rtol 1e-4,
+and the bound) on its 32 test digits, and in place of SW2 the Fréchet classifier distance of 256 samples (the config's
+sample-quality evaluation; needs runs/classifiers/mnist5k.msgpack, see scripts/train_digit_classifier.py); its FP
+arm takes one Rademacher probe for the divergence. Each run's numbers are saved in its workdir
 (result.json), so a rerun only computes what is missing; results/<study>.md gets mean ± s.d. over seeds.
 """
 import argparse
@@ -30,14 +35,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluation  # noqa: E402
 import losses  # noqa: E402
 import run_lib  # noqa: E402
+from configs.demo import mnist_ddpmpp  # noqa: E402
 from configs.toy import vp_eight_gaussians  # noqa: E402
 
 
 
-def studies(fp_weight, fp_t_min):
+def studies(fp_weight, fp_t_min, fp_probe="exact"):
     """{study: {arm: config overrides}}. The FP arm: weight α with w(t) = g² (FP-Diffusion's 'll' weighting), the
-    exact divergence (2-D), on [fp_t_min, T]."""
-    fp_on = {"training.fp.weight": fp_weight, "training.fp.time_weighting": "g2", "training.fp.probe": "exact",
+    divergence by fp_probe (exact for 2-D, one Rademacher probe for images), on [fp_t_min, T]."""
+    fp_on = {"training.fp.weight": fp_weight, "training.fp.time_weighting": "g2", "training.fp.probe": fp_probe,
              "training.fp.t_min": fp_t_min}
     return {
         "weighting": {"sigma2": {"training.weighting": "sigma2"},
@@ -62,15 +68,23 @@ COLUMNS = {
 _NOTES = "<!-- notes: kept when the script rewrites this file -->"
 
 
+# Image datasets and their base config; every other dataset name is a 2-D toy on configs/toy/vp_eight_gaussians.py.
+IMAGE_BASES = {"MNIST5K": mnist_ddpmpp.get_config}
+# An image row reports bits/dim and the classifier distance where a toy row reports nats and SW2.
+IMAGE_KEYS = {"test_nll": "test_bpd", "bound_nll": "bound_bpd", "bound_gap": "bound_gap_bpd", "sw2": "fcd"}
+
+
 def run_config(dataset, overrides, seed, n_iters):
-    config = vp_eight_gaussians.get_config()
+    image = dataset in IMAGE_BASES
+    config = IMAGE_BASES[dataset]() if image else vp_eight_gaussians.get_config()
     config.seed = seed
     config.data.dataset = dataset
     config.training.n_iters = n_iters
     config.training.snapshot_freq = n_iters
     config.eval.begin_ckpt = config.eval.end_ckpt = 1
     config.eval.enable_fpe = config.eval.enable_conservativity = config.eval.enable_bound = True
-    config.sampling.num_samples = config.eval.num_test
+    if not image:
+        config.sampling.num_samples = config.eval.num_test
     for key, value in overrides.items():
         section, *path = key.split(".")
         node = config[section]
@@ -92,7 +106,8 @@ def loss_spread(setup, params, n_batches=200, batch_size=256):
             x = data[jax.random.randint(x_key, (batch_size,), 0, data.shape[0])]
             return jnp.mean(losses.dsm_loss(loss_key, setup.sde, score_fn, x, weighting=weighting,
                                             eps=setup.config.training.eps))
-        values = jax.jit(jax.vmap(batch_loss))(jax.random.split(jax.random.PRNGKey(7), n_batches))
+        # lax.map, not vmap: one minibatch at a time keeps an image model's activations to one batch's.
+        values = jax.jit(lambda keys: jax.lax.map(batch_loss, keys))(jax.random.split(jax.random.PRNGKey(7), n_batches))
         spread[f"loss_sd_{name}"] = float(np.std(np.asarray(values), ddof=1))
         spread[f"loss_mean_{name}"] = float(np.mean(np.asarray(values)))
     return spread
@@ -112,10 +127,13 @@ def run_one(workdir, config):
         result = json.loads(f.read().splitlines()[-1])
     setup = run_lib.Setup(config)
     state, _ = run_lib.restore_latest(workdir, config, setup)
-    samples, _ = run_lib.draw_samples(setup, state.ema_params, jax.random.PRNGKey(config.seed + 1000))
-    directions = evaluation.unit_directions(2, 256, seed=0)
-    result.update(sw2=evaluation.sliced_w2(np.asarray(samples, np.float64), setup.dataset.test_data, directions),
-                  train_seconds=train_seconds, bound_gap=result["bound_nll"] - result["test_nll"],
+    if setup.dataset.levels is None:   # a toy: SW2 of samples; images have the eval's classifier distance
+        samples, _ = run_lib.draw_samples(setup, state.ema_params, jax.random.PRNGKey(config.seed + 1000))
+        directions = evaluation.unit_directions(2, 256, seed=0)
+        result["sw2"] = evaluation.sliced_w2(np.asarray(samples, np.float64), setup.dataset.test_data, directions)
+    else:
+        result["bound_gap_bpd"] = result["bound_bpd"] - result["test_bpd"]
+    result.update(train_seconds=train_seconds, bound_gap=result["bound_nll"] - result["test_nll"],
                   **loss_spread(setup, state.ema_params))
     with open(path, "w") as f:
         json.dump(result, f)
@@ -141,10 +159,15 @@ def table(study, results, floors, seeds):
     for (dataset, arm), runs in results.items():
         cells = []
         for _, key, fmt in columns:
+            key = IMAGE_KEYS.get(key, key) if dataset in IMAGE_BASES else key
             values = np.array([r[key] for r in runs])
             cells.append(f"{values.mean():{fmt}} ± {values.std(ddof=1) if len(values) > 1 else float('nan'):{fmt}}")
         lines.append(f"| {dataset} | {arm} | " + " | ".join(cells) + " |")
     lines.append("")
+    if any(dataset in IMAGE_BASES for dataset, _ in results):
+        lines.append("- image rows (" + ", ".join(sorted({d for d, _ in results if d in IMAGE_BASES})) + "): the NLL "
+                     "columns are bits/dim (uniform dequantization) and the SW2 column is the Fréchet classifier "
+                     "distance of 256 samples to the test digits (scripts/train_digit_classifier.py's classifier).")
     for dataset, floor in floors.items():
         entropy = ENTROPY.get(dataset, floor["entropy"])
         lines.append(f"- {dataset}: entropy of the true density {entropy:.3f} nats (the NLL of a perfect model); "
@@ -169,8 +192,9 @@ def write_keeping_notes(path, text):
 
 def write_report(path, study, body, command):
     header = (f"# {study} study (scripts/study.py)\n\nReproduce: `{command}`\n\nMachine: {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} CPUs, jax {jax.__version__}. Every run: VP SDE, MLP (3 layers of 64), batch 256, "
-              f"Adam lr 2e-3, EMA 0.995; eval on 2,000 held-out points.\n\n")
+              f"{os.cpu_count()} CPUs, jax {jax.__version__}. Every toy run: VP SDE, MLP (3 layers of 64), batch 256, "
+              f"Adam lr 2e-3, EMA 0.995; eval on 2,000 held-out points. MNIST5K runs: configs/demo/mnist_ddpmpp.py "
+              f"(VP, DDPM++ of 317k parameters, batch 16, lr 2e-3, EMA 0.995); eval on 32 test digits.\n\n")
     write_keeping_notes(path, header + body)
 
 
@@ -179,7 +203,7 @@ def main():
     parser.add_argument("--study", choices=("weighting", "fp"), required=True)
     parser.add_argument("--fp_weight", type=float, default=0.15, help="α (FP-Diffusion's image default 0.15)")
     parser.add_argument("--fp_t_min", type=float, default=0.0, help="the FP term applies for t >= this")
-    parser.add_argument("--datasets", default="eight_gaussians,checkerboard")
+    parser.add_argument("--datasets", default="eight_gaussians,checkerboard,MNIST5K")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--n_iters", type=int, default=3000)
     parser.add_argument("--workdir", default="runs/studies")
@@ -189,7 +213,8 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     results, floors = {}, {}
     for dataset in args.datasets.split(","):
-        for arm, overrides in studies(args.fp_weight, args.fp_t_min)[args.study].items():
+        probe = "rademacher" if dataset in IMAGE_BASES else "exact"
+        for arm, overrides in studies(args.fp_weight, args.fp_t_min, probe)[args.study].items():
             for seed in seeds:
                 config = run_config(dataset, overrides, seed, args.n_iters)
                 workdir = os.path.join(args.workdir, args.study, dataset, arm.replace(" ", "_"), f"seed{seed}")
@@ -199,10 +224,12 @@ def main():
                 result["fpe_residual_late"] = float(np.mean([result[f"fpe_residual_t{k}"] for k in range(1, 10)]))
                 results.setdefault((dataset, arm), []).append(result)
                 print(f"{args.study} {dataset} {arm} seed {seed}: " +
-                      ", ".join(f"{k} {result[k]:.4g}" for _, k, _ in COLUMNS[args.study]), flush=True)
-        config = run_config(dataset, {}, seeds[0], args.n_iters)
-        entropy = results[(dataset, arm)][0].get("entropy", float("nan"))
-        floors[dataset] = {"sw2": sw2_floor(config), "entropy": entropy}
+                      ", ".join(f"{k} {result[IMAGE_KEYS.get(k, k) if dataset in IMAGE_BASES else k]:.4g}"
+                                for _, k, _ in COLUMNS[args.study]), flush=True)
+        if dataset not in IMAGE_BASES:
+            config = run_config(dataset, {}, seeds[0], args.n_iters)
+            entropy = results[(dataset, arm)][0].get("entropy", float("nan"))
+            floors[dataset] = {"sw2": sw2_floor(config), "entropy": entropy}
     command = "python " + " ".join(sys.argv)
     write_report(args.output or os.path.join("results", f"{args.study}.md"), args.study,
                  table(args.study, results, floors, seeds), command)

@@ -152,6 +152,29 @@ def test_energy_at_init_is_the_quadratic_base():
                                0.05 * np.sum(np.asarray(x) ** 2, axis=1), rtol=1e-6)
 
 
+def test_energy_scale_multiplies_the_read_out_only():
+    """E = S wᵀh + ½ q ||x||² + c: with the read-out and c set to nonzero values, S = 1e4 multiplies wᵀh exactly
+    (the difference of the two energies is (S - 1) wᵀh) and leaves the quadratic base and c alone."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 2))
+    energies = []
+    for scale in (1.0, 1e4):
+        config = _energy_config("energy_mlp")
+        config.model.energy_scale = scale
+        model = models.create_model(config)
+        params = model.init(jax.random.PRNGKey(1), x, jnp.zeros(4))["params"]
+        readout = params["EnergyReadout_0"]
+        params["EnergyReadout_0"] = {"Dense_0": {"kernel": jnp.full_like(readout["Dense_0"]["kernel"], 0.01)},
+                                     "log_normalizer": jnp.asarray(0.7)}
+        energies.append(np.asarray(model.apply({"params": params}, x, jnp.zeros(4)), np.float64))
+    base = 0.05 * np.sum(np.asarray(x, np.float64) ** 2, axis=1) + 0.7
+    readout_part = energies[0] - base
+    assert np.all(np.abs(readout_part) > 1e-3)
+    np.testing.assert_allclose(energies[1] - base, 1e4 * readout_part, rtol=1e-4)
+    config.model.energy_scale = 0.0
+    with pytest.raises(ValueError, match="energy_scale > 0"):
+        models.create_model(config).init(jax.random.PRNGKey(1), x, jnp.zeros(4))
+
+
 def test_get_energy_fn_rejects_a_score_network():
     config = get_default_configs()
     model = models.create_model(config)

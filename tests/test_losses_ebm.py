@@ -371,10 +371,47 @@ def test_energy_objectives_need_an_energy_network():
 @pytest.mark.parametrize("field, value, message", [("langevin_step", 3, "unknown fields"),
                                                    ("probe", "sphere", "probe must be one of"),
                                                    ("nce_noise", "uniform", "nce_noise must be one of"),
-                                                   ("step_size", 0.0, "step_size, sigma > 0")])
+                                                   ("step_size", 0.0, "step_size, sigma > 0"),
+                                                   ("chain_init", "gaussian", "chain_init must be one of"),
+                                                   ("reinit_prob", 1.5, "reinit_prob must lie in")])
 def test_ebm_settings_errors_name_the_field(field, value, message):
     config = _ebm_config("ebm_cd")
     config.training.ebm[field] = value
     with pytest.raises(ValueError, match=message):
         losses.ebm_settings(config)
+
+
+
+def test_pcd_objective_carries_its_replay_buffer_in_the_train_state():
+    """"ebm_pcd" keeps persistent_cd_loss's buffer in TrainState.objective_state: one train step equals the pure
+    function at the step's key, rewrites exactly the batch's B rows of the buffer, and evaluation leaves it alone."""
+    config, x = _ebm_config("ebm_pcd"), DATA[:8]
+    config.training.ebm.update(buffer_size=32, chain_init="prior", reinit_prob=0.25)
+    sde = sde_lib.get_sde(config)
+    model = models.create_model(config)
+    state = losses.init_train_state(jax.random.PRNGKey(0), config, model, (1, D))
+    buffer = state.objective_state.samples
+    assert buffer.shape == (32, D)
+    # Drawn from the VP prior N(0, I) with key fold_in(init key, 1).
+    np.testing.assert_array_equal(np.asarray(buffer), np.asarray(jax.random.normal(
+        jax.random.fold_in(jax.random.PRNGKey(0), 1), (32, D))))
+    loss_fn = losses.get_loss_fn(config, sde, model)
+    step_fn = jax.jit(losses.get_step_fn(loss_fn, losses.get_optimizer(config), 0.9))
+    rng = jax.random.PRNGKey(7)
+    new_state, metrics = step_fn(state, x, rng)
+
+    key = jax.random.split(jax.random.fold_in(rng, 0))[1]   # get_step_fn's step key, then get_loss_fn's loss key
+    score_fn = models.get_score_fn(sde, model, {"params": state.params})
+    energy_fn = losses.at_time(energy.energy_from_score(score_fn), config.training.eps)
+    init_fn = lambda r, shape: sde.prior_sampling(r, shape)
+    direct, direct_buffer, aux = losses.persistent_cd_loss(key, energy_fn, x, state.objective_state, init_fn, 3, 0.3,
+                                                           reinit_prob=0.25, mala=True)
+    np.testing.assert_allclose(float(metrics["loss"]), float(jnp.mean(direct)), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(new_state.objective_state.samples), np.asarray(direct_buffer.samples),
+                               atol=1e-5)
+    changed = np.any(np.asarray(new_state.objective_state.samples) != np.asarray(buffer), axis=1)
+    assert changed.sum() == 8 and "next_objective_state" not in metrics
+    assert float(metrics["reinitialized"]) == float(aux["reinitialized"])
+    eval_metrics = jax.jit(losses.get_eval_fn(losses.get_loss_fn(config, sde, model, train=False)))(new_state, x, rng)
+    assert set(eval_metrics) == {"loss", "energy_pos", "energy_neg", "acceptance", "reinitialized"}
 

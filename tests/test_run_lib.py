@@ -11,6 +11,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -143,6 +144,53 @@ def test_resume_ends_bit_identical_to_an_uninterrupted_run(trained, tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(resumed, straight))
     # Not vacuous: training changed the parameters.
     assert not all(np.array_equal(a, b) for a, b in zip(resumed, saved_arrays(tmp_path, 4)))
+
+
+def test_a_checkpoint_from_before_the_objective_state_field_restores(trained, tmp_path):
+    """Checkpoints written before TrainState had objective_state (a dict of step, params, opt_state, ema_params)
+    restore into today's TrainState with objective_state None, every array equal."""
+    config = tiny_config()
+    old = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(trained), "checkpoints", "8", "default"))
+    old = {name: old[name] for name in ("step", "params", "opt_state", "ema_params")}
+    permanent, meta = run_lib.checkpoint_managers(str(tmp_path), config)
+    permanent.save(8, args=ocp.args.StandardSave(old))
+    for manager in (permanent, meta):
+        manager.wait_until_finished()
+        manager.close()
+    assert "objective_state" not in ocp.StandardCheckpointer().metadata(
+        os.path.join(str(tmp_path), "checkpoints", "8", "default")).item_metadata
+    state, step = run_lib.restore_latest(str(tmp_path), config, run_lib.Setup(config))
+    assert step == 8 and state.objective_state is None
+    for name in old:
+        got, want = jax.tree.leaves(getattr(state, name)), jax.tree.leaves(old[name])
+        assert len(got) == len(want) > 0 and all(np.array_equal(a, b) for a, b in zip(got, want)), name
+
+
+def pcd_config(n_iters=8):
+    """tiny_config with an energy MLP trained by persistent CD: a 64-chain replay buffer in the TrainState."""
+    config = tiny_config()
+    config.model.name, config.model.energy_quadratic = "energy_mlp", 0.1
+    config.training.objective, config.training.n_iters = "ebm_pcd", n_iters
+    config.training.ebm = ml_collections.ConfigDict(dict(langevin_steps=2, step_size=0.2, buffer_size=64,
+                                                         chain_init="prior"))
+    config.sampling.method, config.sampling.langevin_init, config.sampling.num_samples = "langevin", "prior", 16
+    return config
+
+
+def test_persistent_cd_resumes_its_replay_buffer_bit_identical(tmp_path):
+    """The replay buffer is checkpointed with the parameters: 4 + 4 steps == 8 steps on every array, the buffer
+    included, and it moved between the checkpoints; --mode=sample draws Langevin samples of the energy."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_lib.train(pcd_config(), str(straight))
+    run_lib.train(pcd_config(n_iters=4), str(resumed))
+    run_lib.train(pcd_config(), str(resumed))
+    a, b = saved_arrays(straight, 8), saved_arrays(resumed, 8)
+    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+    buffers = [leaf for leaf in (saved_arrays(straight, 8), saved_arrays(straight, 4, "checkpoints-meta"))
+               for leaf in leaf if leaf.shape == (64, 2)]
+    assert len(buffers) == 2 and not np.array_equal(*buffers)
+    samples = run_lib.sample(pcd_config(), str(straight))
+    assert samples.shape == (16, 2) and np.isfinite(samples).all()
 
 
 def test_checkpoint_of_another_model_is_refused_and_left_untouched(trained):
