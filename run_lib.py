@@ -272,7 +272,7 @@ def restore(manager, step, template, workdir):
                          f"{_model_difference(saved, expected)}; use a new --workdir")
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
     try:
-        if template.objective_state is None and "objective_state" not in metadata:   # written before the field
+        if isinstance(template, losses.TrainState) and "objective_state" not in metadata:   # written before the field
             fields = {name: getattr(abstract, name) for name in ("step", "params", "opt_state", "ema_params")}
             return template.replace(**manager.restore(step, args=ocp.args.StandardRestore(fields)))
         return manager.restore(step, args=ocp.args.StandardRestore(abstract))

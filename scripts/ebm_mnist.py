@@ -108,6 +108,7 @@ def table(rows):
 
 
 def _panel(images, label):
+    label = label.replace("σ", "sigma")   # PIL's default bitmap font has no Greek letters
     grid = run_lib.image_grid(images, (0.0, 1.0), cols=6)
     image = Image.fromarray(grid.squeeze()).convert("L").resize((grid.shape[1] * 2, grid.shape[0] * 2),
                                                                 Image.NEAREST)
