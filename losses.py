@@ -512,9 +512,8 @@ class ReplayBuffer:
     It is a pytree the caller carries: persistent_cd_loss takes one and returns the next, so the whole step stays a
     pure function. The "ebm_pcd" objective keeps it in TrainState.objective_state (checkpointed with the parameters,
     so a resumed run continues the same chains); the train step writes back the buffer the loss returns through
-    aux (NEXT_OBJECTIVE_STATE). N = B is the plain
-    "persistent chains" PCD; N > B is a replay buffer as in Du & Mordatch (2019), who restart 5% of the chains
-    from noise at each step (persistent_cd_loss's default reinit_prob).
+    aux (NEXT_OBJECTIVE_STATE). N = B is the plain "persistent chains" PCD; N > B is a replay buffer as in Du &
+    Mordatch (2019), who restart 5% of the chains from noise at each step (persistent_cd_loss's default reinit_prob).
     """
 
     samples: jax.Array
@@ -666,7 +665,8 @@ class EBMSettings:
 
     langevin_steps k and step_size ε (x ← x - (ε²/2)∇E + ε z), grad_clip (per-chain norm, 0 = off), mala, and
     energy_reg α for "ebm_cd" and "ebm_pcd"; for "ebm_pcd" also buffer_size N, reinit_prob and chain_init (a key of
-    sde_lib.INITIAL_NOISE: where the buffer's and restarted chains begin); n_slices and probe ("gaussian" | "rademacher") for "ebm_ssm" / "ebm_ssm_vr"; sigma for
+    sde_lib.INITIAL_NOISE: where the buffer's and restarted chains begin); n_slices and probe ("gaussian" |
+    "rademacher") for "ebm_ssm" / "ebm_ssm_vr"; sigma for
     "ebm_dsm"; nce_noise (a key of NCE_NOISES) and nce_ratio ν for "ebm_nce".
     """
 

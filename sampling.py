@@ -416,11 +416,12 @@ def _langevin_sample(rng, score_fn, step_size, t, *, sde, shape, n_steps, init):
     init_rng, loop_rng = jax.random.split(rng)
     time = _batch_time(t, shape)
 
-    def step(k, x):
-        z = jax.random.normal(jax.random.fold_in(loop_rng, k), shape)
-        return x + 0.5 * step_size**2 * score_fn(x, time) + step_size * z
+    step = jnp.full(shape[:1], 0.5 * step_size**2)   # _langevin_update's ε' = ε²/2: x + ε' s + sqrt(2ε') z
 
-    return jax.lax.fori_loop(0, n_steps, step, initial_noise(init, init_rng, sde, shape))
+    def update(k, x):
+        return _langevin_update(jax.random.fold_in(loop_rng, k), x, score_fn(x, time), step)[0]
+
+    return jax.lax.fori_loop(0, n_steps, update, initial_noise(init, init_rng, sde, shape))
 
 
 def langevin_sample(rng, sde, score_fn, shape, step_size=0.01, n_steps=100, init="uniform", eps=1e-5):

@@ -49,7 +49,7 @@ def get_config(objective="pcd"):
     config = get_default_configs()
     name, settings, energy_scale = OBJECTIVES[objective]
     training = config.training
-    training.sde = "vesde"                 # unused by the EBM objectives beyond binding t = eps (the VE image conventions)
+    training.sde = "vesde"                 # the EBM objectives use it only to bind t = eps (VE image conventions)
     training.continuous = True
     training.objective = name
     training.ebm = dict(settings)
