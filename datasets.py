@@ -214,8 +214,9 @@ def _jitted(sample):
 class ToyDataset:
     """Training batches and a held-out test set of a Toy density.
 
-    `train_batch(step)` [B / process_count, D] is a pure function of (seed, step, process index): the step is the
-    iterator's position, so a resumed run sees exactly the batches an uninterrupted one would. `test_data`
+    `train_batch(step)` [B / process_count, D] is this host's slice of a global batch that is a pure function of
+    (seed, step): the step is the iterator's position, so a resumed run sees exactly the batches an uninterrupted
+    one would, and a run on several hosts the batches of a run on one. `test_data`
     [num_test, D] comes from a separate rng stream. Continuous data: `data_range` and `levels` are None.
     """
 
@@ -224,16 +225,17 @@ class ToyDataset:
 
     def __init__(self, toy, seed, batch_size, num_test):
         train_rng, test_rng = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), _DATA_STREAM))
-        self._train_rng = jax.random.fold_in(train_rng, jax.process_index())
+        self._train_rng = jax.random.fold_in(train_rng, 0)
         self._sample = _jitted(toy.sample)
         self.density = toy.density
-        self.host_batch_size = batch_size // jax.process_count()
+        self.batch_size, self.host_batch_size = batch_size, batch_size // jax.process_count()
         self.test_data = np.asarray(self._sample(test_rng, num_test))
         self.shape = self.test_data.shape[1:]
 
     def train_batch(self, step):
         """This host's share of the batch of training step `step` (a numpy array)."""
-        return np.asarray(self._sample(jax.random.fold_in(self._train_rng, step), self.host_batch_size))
+        batch = self._sample(jax.random.fold_in(self._train_rng, step), self.batch_size)
+        return np.asarray(_host_slice(batch, self.host_batch_size))
 
     def test_split(self, repeat=0):
         """The held-out points (continuous data: the same for every repeat of an evaluation)."""
@@ -554,15 +556,22 @@ class ImageDataset:
             here = pos // n == epoch
             idx[here] = self._permutation(int(epoch))[pos[here] % n]
         k = self.train_levels[idx]
-        rng = np.random.default_rng([self.seed, _DATA_STREAM, step, jax.process_index()])
+        # The global batch's flips and noise, sliced: a run on several hosts sees the batches of a run on one.
+        rng, hosts = np.random.default_rng([self.seed, _DATA_STREAM, step, 0]), jax.process_count()
         if self.flip:
-            k = np.where(rng.random(b)[:, None, None, None] < 0.5, k[:, :, ::-1], k)
-        u = rng.random(k.shape, np.float32) if self.dequantize else 0.5
+            k = np.where(_host_slice(rng.random(b * hosts), b)[:, None, None, None] < 0.5, k[:, :, ::-1], k)
+        u = _host_slice(rng.random((b * hosts,) + k.shape[1:], np.float32), b) if self.dequantize else 0.5
         return self.to_float(k, u)
 
     @functools.lru_cache(maxsize=4)
     def _permutation(self, epoch):
         return np.random.default_rng([self.seed, _DATA_STREAM, epoch]).permutation(len(self.train_levels))
+
+
+def _host_slice(global_batch, host_batch_size):
+    """This host's rows of a batch drawn whole on every host."""
+    first = jax.process_index() * host_batch_size
+    return global_batch[first:first + host_batch_size]
 
 
 def _toy_dataset(config):

@@ -9,6 +9,7 @@
     python main.py --config=configs/demo/mnist_ddpmpp.py --workdir=runs/demo --mode=class_conditional
         --classifier=runs/classifiers/mnist5k_noisy.msgpack --class_scale=3
     python main.py --config=configs/vp/cifar10_ddpmpp_continuous.py --mode=summary
+    python main.py --config=... --workdir=<shared directory> --mode=train --multihost   # on every host (Slurm, TPU pod)
 
 `--config.<section>.<field>=value` overrides any config field (ml_collections rejects unknown fields and wrong
 types; tuples are written --config.data.gmm_stds='(0.4, 0.7, 0.5)'). A user error (bad flag or config value,
@@ -38,6 +39,12 @@ flags.DEFINE_string("classifier", None, "--mode=class_conditional: a time-depend
                     "(scripts/train_digit_classifier.py --noise_config=<the config file>).")
 flags.DEFINE_float("class_scale", 1.0, "--mode=class_conditional: the classifier gradient's scale (1 = exact).")
 flags.DEFINE_string("eval_folder", "eval", "Subdirectory of --workdir for --mode=eval results.")
+flags.DEFINE_bool("multihost", False, "One process of a multi-host run: jax.distributed.initialize() before "
+                  "anything else, finding the coordinator from the cluster (Slurm, Open MPI, Cloud TPU pods), or from "
+                  "--coordinator_address, --num_processes and --process_id when given (any machines, CPUs too).")
+flags.DEFINE_string("coordinator_address", None, "--multihost: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "--multihost: how many processes the run has.")
+flags.DEFINE_integer("process_id", None, "--multihost: this process's index, 0 .. num_processes - 1.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -82,6 +89,10 @@ def main(argv):
         fail(f"unexpected arguments {argv[1:]}; flags are written --name=value")
     if FLAGS.mode != "summary" and not FLAGS.workdir:
         fail(f"--mode={FLAGS.mode} needs --workdir=<directory for checkpoints, metrics and samples>")
+    if FLAGS.multihost:
+        import jax
+
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     import run_lib  # after the flags are parsed, so a flag error is reported without waiting for jax to load
 
     modes = {

@@ -3,7 +3,7 @@ Fokker-Planck regularizer.
 
     python scripts/study.py --study=weighting        # σ² vs likelihood vs likelihood + importance sampling
     python scripts/study.py --study=fp               # DSM vs DSM + FP (likelihood weighting both)
-    [--datasets=eight_gaussians,checkerboard(,MNIST5K)] [--seeds=0,1,2] [--workdir=runs/studies] [--n_iters=3000]
+    [--datasets=eight_gaussians,checkerboard(,MNIST5K)] [--seeds=0,1,2] [--workdir=runs/studies] [--n_iters=N]
 
 Every (dataset, arm, seed) trains configs/toy/vp_eight_gaussians.py's setup (VP SDE, MLP, batch 256, 3,000 steps)
 with the arm's overrides and config.seed = seed (data, initialization and training noise all follow it), then
@@ -12,11 +12,12 @@ evaluates the EMA parameters with --mode=eval's code on 2,000 held-out points: t
 and the conservativity; and draws 2,000 samples (the config's Euler-Maruyama sampler) for the sliced Wasserstein-2
 distance to the held-out points. The spread of the likelihood-weighted loss estimator on the trained model, with
 t uniform and with t ~ q(t) ∝ g²/σ², tests seed 001's variance claim. MNIST5K (the embedded digits) trains
-configs/demo/mnist_ddpmpp.py (the DDPM++ demo, batch 16) instead and reports bits/dim (Hutchinson ODE, rtol 1e-4,
-and the bound) on its 32 test digits, and in place of SW2 the Fréchet classifier distance of 256 samples (the config's
-sample-quality evaluation; needs runs/classifiers/mnist5k.msgpack, see scripts/train_digit_classifier.py); its FP
-arm takes one Rademacher probe for the divergence. Each run's numbers are saved in its workdir
-(result.json), so a rerun only computes what is missing; results/<study>.md gets mean ± s.d. over seeds.
+configs/demo/mnist_ddpmpp.py (the DDPM++ demo, batch 16, 2,000 steps) instead and reports bits/dim (Hutchinson
+ODE, rtol 1e-4, and the bound) on its 32 test digits, and in place of SW2 the Fréchet classifier distance of 256
+samples (the config's sample-quality evaluation; needs runs/classifiers/mnist5k.msgpack, see
+scripts/train_digit_classifier.py); its FP arm takes one Rademacher probe for the divergence. Each run's numbers are saved in its workdir
+(result.json), so a rerun only computes what is missing, and the FP study's DSM arm is the weighting study's
+likelihood run (the same config); results/<study>.md gets mean ± s.d. over seeds.
 """
 import argparse
 import json
@@ -70,12 +71,17 @@ _NOTES = "<!-- notes: kept when the script rewrites this file -->"
 
 # Image datasets and their base config; every other dataset name is a 2-D toy on configs/toy/vp_eight_gaussians.py.
 IMAGE_BASES = {"MNIST5K": mnist_ddpmpp.get_config}
+# Training steps unless --n_iters: 3,000 for a toy; 2,000 for the DDPM++ demo (~3.5 min at 9.5 steps/s on 2 idle cores).
+DEFAULT_ITERS = {"toy": 3000, "MNIST5K": 2000}
+# Arms that are the same run as another study's arm (identical overrides): their runs are shared, not repeated.
+SAME_RUN = {("fp", "dsm"): ("weighting", "likelihood")}
 # An image row reports bits/dim and the classifier distance where a toy row reports nats and SW2.
 IMAGE_KEYS = {"test_nll": "test_bpd", "bound_nll": "bound_bpd", "bound_gap": "bound_gap_bpd", "sw2": "fcd"}
 
 
-def run_config(dataset, overrides, seed, n_iters):
+def run_config(dataset, overrides, seed, n_iters=None):
     image = dataset in IMAGE_BASES
+    n_iters = n_iters or DEFAULT_ITERS[dataset if image else "toy"]
     config = IMAGE_BASES[dataset]() if image else vp_eight_gaussians.get_config()
     config.seed = seed
     config.data.dataset = dataset
@@ -94,9 +100,10 @@ def run_config(dataset, overrides, seed, n_iters):
     return config
 
 
-def loss_spread(setup, params, n_batches=200, batch_size=256):
-    """Standard deviations over n_batches minibatches of the likelihood-weighted DSM loss, t uniform vs t ~ q(t)
-    (the same expectation: losses.py's likelihood_importance estimator), at the given parameters."""
+def loss_spread(setup, params, n_batches=200):
+    """Standard deviations over n_batches minibatches (of the training batch size) of the likelihood-weighted DSM
+    loss, t uniform vs t ~ q(t) (the same expectation: losses.py's likelihood_importance estimator), at params."""
+    batch_size = setup.config.training.batch_size
     score_fn = setup.score_fn(params)
     data = jnp.asarray(setup.dataset.test_data)
     spread = {}
@@ -118,7 +125,11 @@ def run_one(workdir, config):
     path = os.path.join(workdir, "result.json")
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
+            result = json.load(f)
+        if result.get("n_iters", config.training.n_iters) != config.training.n_iters:
+            raise ValueError(f"{path} holds a run of {result['n_iters']} steps, not {config.training.n_iters}: "
+                             f"pass --n_iters={result['n_iters']} or use another --workdir.")
+        return result
     start = time.perf_counter()
     run_lib.train(config, workdir)
     train_seconds = time.perf_counter() - start
@@ -133,8 +144,8 @@ def run_one(workdir, config):
         result["sw2"] = evaluation.sliced_w2(np.asarray(samples, np.float64), setup.dataset.test_data, directions)
     else:
         result["bound_gap_bpd"] = result["bound_bpd"] - result["test_bpd"]
-    result.update(train_seconds=train_seconds, bound_gap=result["bound_nll"] - result["test_nll"],
-                  **loss_spread(setup, state.ema_params))
+    result.update(train_seconds=train_seconds, n_iters=config.training.n_iters,
+                  bound_gap=result["bound_nll"] - result["test_nll"], **loss_spread(setup, state.ema_params))
     with open(path, "w") as f:
         json.dump(result, f)
     return result
@@ -191,10 +202,12 @@ def write_keeping_notes(path, text):
 
 
 def write_report(path, study, body, command):
-    header = (f"# {study} study (scripts/study.py)\n\nReproduce: `{command}`\n\nMachine: {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} CPUs, jax {jax.__version__}. Every toy run: VP SDE, MLP (3 layers of 64), batch 256, "
+    machine = platform.processor() or platform.machine()
+    header = (f"# {study} study (scripts/study.py)\n\nReproduce: `{command}`\n\nMachine: {machine}, {os.cpu_count()} "
+              f"CPUs, jax {jax.__version__}. Every toy run: VP SDE, MLP (3 layers of 64), batch 256, 3,000 steps, "
               f"Adam lr 2e-3, EMA 0.995; eval on 2,000 held-out points. MNIST5K runs: configs/demo/mnist_ddpmpp.py "
-              f"(VP, DDPM++ of 317k parameters, batch 16, lr 2e-3, EMA 0.995); eval on 32 test digits.\n\n")
+              f"(VP, DDPM++ of 317k parameters, batch 16, 2,000 steps, lr 2e-3, EMA 0.995); eval on 32 test "
+              f"digits.\n\n")
     write_keeping_notes(path, header + body)
 
 
@@ -205,7 +218,7 @@ def main():
     parser.add_argument("--fp_t_min", type=float, default=0.0, help="the FP term applies for t >= this")
     parser.add_argument("--datasets", default="eight_gaussians,checkerboard", help="add MNIST5K for the image rows")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--n_iters", type=int, default=3000)
+    parser.add_argument("--n_iters", type=int, default=None, help="default 3,000 (toys), 2,000 (MNIST5K)")
     parser.add_argument("--workdir", default="runs/studies")
     parser.add_argument("--output", default=None, help="default results/<study>.md")
     args = parser.parse_args()
@@ -217,7 +230,8 @@ def main():
         for arm, overrides in studies(args.fp_weight, args.fp_t_min, probe)[args.study].items():
             for seed in seeds:
                 config = run_config(dataset, overrides, seed, args.n_iters)
-                workdir = os.path.join(args.workdir, args.study, dataset, arm.replace(" ", "_"), f"seed{seed}")
+                study, run_arm = SAME_RUN.get((args.study, arm), (args.study, arm))
+                workdir = os.path.join(args.workdir, study, dataset, run_arm.replace(" ", "_"), f"seed{seed}")
                 result = run_one(workdir, config)
                 # The residual's t-bins are equal; bin 0 (t < 0.1) holds the ~1/σ⁴ growth near eps, which swamps
                 # the mean, so the mean of the other bins is reported beside it.

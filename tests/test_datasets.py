@@ -50,6 +50,17 @@ def test_batches_shape_scale_and_determinism(name):
     assert not {tuple(p) for p in dataset.test_data} & {tuple(p) for p in train}
 
 
+def test_hosts_slices_of_a_toy_batch_make_the_one_host_batch(monkeypatch):
+    """With 2 hosts each host reads its half of the global batch: a multi-host run trains on a one-host run's data."""
+    whole = datasets.get_dataset(_config("checkerboard")).train_batch(5)
+    monkeypatch.setattr(datasets.jax, "process_count", lambda: 2)
+    halves = []
+    for host in range(2):
+        monkeypatch.setattr(datasets.jax, "process_index", lambda host=host: host)
+        halves.append(datasets.get_dataset(_config("checkerboard")).train_batch(5))
+    assert halves[0].shape == (128, 2)
+    np.testing.assert_array_equal(np.concatenate(halves), whole)
+
 def test_checkerboard_fills_exactly_the_even_squares_evenly():
     x = _sample("checkerboard")
     cell = np.floor(x / 2.0)

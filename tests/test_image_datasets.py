@@ -149,3 +149,18 @@ def test_any_random_access_source_is_read_a_batch_at_a_time():
     requests = list(train.requests)
     assert len(requests) in (3, 4) and all(len(r) == 16 for r in requests)
     assert len(np.unique(np.concatenate(requests))) == 16 * len(requests)
+
+
+@pytest.mark.parametrize("flip,dequantize", [(False, False), (True, True)])
+def test_hosts_slices_of_a_batch_make_the_one_host_batch(monkeypatch, flip, dequantize):
+    """With 2 hosts each host reads its half of the global batch, flips and noise included: a multi-host run sees
+    the batches of a one-host run (same seed, same global batch size)."""
+    whole = datasets.get_dataset(config("MNIST5K", flip=flip, dequantize=dequantize, batch_size=32)).train_batch(7)
+    monkeypatch.setattr(datasets.jax, "process_count", lambda: 2)
+    halves = []
+    for host in range(2):
+        monkeypatch.setattr(datasets.jax, "process_index", lambda host=host: host)
+        halves.append(datasets.get_dataset(config("MNIST5K", flip=flip, dequantize=dequantize,
+                                                  batch_size=32)).train_batch(7))
+    assert halves[0].shape == (16, 28, 28, 1)
+    np.testing.assert_array_equal(np.concatenate(halves), whole)
