@@ -297,6 +297,25 @@ def _photo_patches(size=32, stride=8, block=160):
     return np.stack(train).astype(np.uint8), np.stack(test).astype(np.uint8), 256
 
 
+# The coloured digits' palette (RGB of a full-intensity stroke): six hues whose grey levels (channel means) differ,
+# so that a grey digit narrows its colour down without fixing it.
+DIGIT_COLOURS = np.array([[255, 60, 60], [60, 220, 60], [70, 110, 255], [250, 220, 50], [230, 60, 230],
+                          [50, 220, 230]], np.float64)
+
+
+def _colour_mnist5k():
+    """MNIST5K's digits in colour (28x28 RGB, 256 levels, the same 4,500 / 500 split): each digit's strokes take one
+    DIGIT_COLOURS hue, drawn per image with a fixed seed, scaled by the pixel's intensity (black background). The
+    embedded colour set of digit-sized images (the colorization demo)."""
+    train, test, levels = _mnist5k()
+
+    def coloured(images, seed):
+        hue = DIGIT_COLOURS[np.random.default_rng(seed).integers(len(DIGIT_COLOURS), size=len(images))]
+        return np.rint(images / 255.0 * hue[:, None, None, :]).astype(np.uint8)
+
+    return coloured(train, 1), coloured(test, 2), levels
+
+
 # idx type codes (the third byte of the magic number) and their big-endian numpy types.
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -336,8 +355,8 @@ def _fashion_mnist_debian():
 
 
 # Embedded sets: the integer images ship with an installed package; (train, test, levels) in memory.
-IMAGE_DATASETS = {"DIGITS": _digits, "MNIST5K": _mnist5k, "FASHION_MNIST_DEBIAN": _fashion_mnist_debian,
-                  "PHOTO_PATCHES": _photo_patches}
+IMAGE_DATASETS = {"DIGITS": _digits, "MNIST5K": _mnist5k, "COLOUR_MNIST5K": _colour_mnist5k,
+                  "FASHION_MNIST_DEBIAN": _fashion_mnist_debian, "PHOTO_PATCHES": _photo_patches}
 
 
 # --- Image sets of tensorflow-datasets, read without TensorFlow. scripts/prepare_dataset.py prepares a set once

@@ -2,6 +2,7 @@
 
     python benchmarks/samplers.py [--n 10000] [--sde vpsde] [--cases 2d,16d] [--seed 0]
     python benchmarks/samplers.py --cases demo [--demo_workdir runs/demo] [--demo_n 256] [--demo_pc1000]
+    [--only edm,em-35]   # only the samplers whose label contains one of the words
 
 Cases: "2d", the eight-Gaussians mixture of datasets.py (8 modes, std 0.35, radius 2.83); "16d", a fixed random
 16-D mixture of 6 components with full covariances. The score is the exact ∇ log p_t of the mixture (SPEC §9), so
@@ -11,7 +12,9 @@ sub-VP) or 1e-5 (VE):
   em-N      Euler-Maruyama on the reverse SDE with N steps (an SDE with N levels);
   ode-S-G-N the probability-flow ODE with fixed-step solver S (euler | heun | midpoint) on N steps of the time grid
             G (uniform in t, or EDM's ρ = 7 schedule of the noise-to-signal ratio);
-  ode-S-tol adaptive Tsit5 / Dopri5 at rtol = atol = tol.
+  ode-S-tol adaptive Tsit5 / Dopri5 at rtol = atol = tol;
+  edm-17    Karras et al. (2022)'s stochastic sampler (sampling.edm_sample): 17 Heun steps on EDM's grid with noise
+            added before each ("churn"), + its denoising step: 35 NFE.
 SDE samplers return their last step's noise-free mean (noise_removal); ODE samplers their state at eps (no extra
 denoising evaluation), so NFE is exactly the solve's.
 
@@ -131,7 +134,15 @@ def samplers(sde_name):
     for solver in ("tsit5", "dopri5"):
         table += [(f"ode-{solver}-{tol:g}", 1000, dict(method="ode", solver=solver, rtol=tol, atol=tol,
                                                        denoise=False)) for tol in (1e-2, 1e-3, 1e-5)]
-    return table
+    return table + edm_samplers()
+
+
+def edm_samplers():
+    """EDM's stochastic sampler at 35 NFE (17 Heun steps + the denoising step): its ImageNet-64 churn (S_churn 40
+    on σ̃ in [0.05, 50], S_noise 1.003) and churn on every step."""
+    return [("edm-17", 1000, dict(method="edm", n_steps=17)),
+            ("edm-17-churn-all", 1000, dict(method="edm", n_steps=17, churn=1e9, churn_range=(0.0, 1e9),
+                                             noise_scale=1.0))]
 
 
 def quality_line(case, label, nfe, x, oracle, entropy, reference, directions):
@@ -162,11 +173,17 @@ def run_case(case, args):
     results = {"true": quality_line(case, "true", 0, mixture.sample(rngs[4], args.n), oracle, entropy, reference,
                                     directions) + (0,)}
     sdes = {}  # one SDE and score per step count, so that samplers of the same structure share their compilation
-    for label, n, kwargs in samplers(args.sde):
+    for label, n, kwargs in selected(samplers(args.sde), args.only and args.only + ",pc"):
         sde, score_fn = sdes.setdefault(n, (lambda sde: (sde, oracle.score_fn(sde)))(_SDES[args.sde](n)))
         x, nfe = sampling.sample(rngs[5], sde, score_fn, (args.n, mixture.dim), eps=_EPS[args.sde], **kwargs)
         results[label] = quality_line(case, label, nfe, x, oracle, entropy, reference, directions) + (nfe,)
     report_target(case, results, np.std(floors))
+
+
+def selected(table, only):
+    """The rows whose label contains one of the comma-separated words of `only` (all rows when it is empty)."""
+    words = [w for w in only.split(",") if w]
+    return [row for row in table if not words or any(w in row[0] for w in words)]
 
 
 def report_target(case, results, floor_sd):
@@ -195,7 +212,7 @@ def demo_samplers(args):
                                           ("euler", "edm", 35))]
     table += [(f"ode-tsit5-{tol:g}", 1000, dict(method="ode", solver="tsit5", rtol=tol, atol=tol, denoise=True))
               for tol in (1e-2, 1e-3)]
-    return table
+    return table + edm_samplers()
 
 
 def run_demo(args):
@@ -222,7 +239,7 @@ def run_demo(args):
     line("data (training digits)", 0, train[np.random.default_rng(args.seed).choice(len(train), args.demo_n,
                                                                                    replace=False)], 0.0)
     shape = (args.demo_n,) + dataset.shape
-    for label, n, kwargs in demo_samplers(args):
+    for label, n, kwargs in selected(demo_samplers(args), args.only):
         sde = sde_lib.VPSDE(beta_min=config.model.beta_min, beta_max=config.model.beta_max, N=n)
         start = time.perf_counter()
         x, nfe = sampling.sample(jax.random.fold_in(rng, 2), sde, score_fn, shape, eps=config.sampling.eps, **kwargs)
@@ -240,6 +257,8 @@ def main():
     parser.add_argument("--classifier", default="runs/classifiers/mnist5k.msgpack", help="case demo: weights")
     parser.add_argument("--demo_n", type=int, default=256, help="case demo: samples per sampler")
     parser.add_argument("--demo_pc1000", action="store_true", help="case demo: add PC with 1000 steps")
+    parser.add_argument("--only", default="", help="comma-separated words: only the samplers whose label has one "
+                        "(the mixtures' baseline pc always runs), e.g. --only=edm,em-35")
     args = parser.parse_args()
     start = time.perf_counter()
     for case in args.cases.split(","):

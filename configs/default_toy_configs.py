@@ -47,6 +47,12 @@ def get_default_configs():
     sampling.ode_steps = 30
     sampling.ode_schedule = "uniform"
     sampling.ode_rho = 7.0
+    # method "edm": Karras et al. (2022)'s stochastic sampler, edm_steps Heun steps on the ρ = ode_rho grid with
+    # churn S_churn = edm_churn on σ̃ in edm_churn_range and S_noise = edm_noise (their ImageNet-64 values)
+    sampling.edm_steps = 18
+    sampling.edm_churn = 40.0
+    sampling.edm_churn_range = (0.05, 50.0)
+    sampling.edm_noise = 1.003
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.batch_size = 1000

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 
@@ -46,12 +47,14 @@ def studies(fp_weight, fp_t_min, fp_probe="exact"):
     divergence by fp_probe (exact for 2-D, one Rademacher probe for images), on [fp_t_min, T]."""
     fp_on = {"training.fp.weight": fp_weight, "training.fp.time_weighting": "g2", "training.fp.probe": fp_probe,
              "training.fp.t_min": fp_t_min}
+    fp_arms = {"dsm": {"training.weighting": "likelihood"},
+               f"dsm+fp α={fp_weight:g} t≥{fp_t_min:g}": {"training.weighting": "likelihood", **fp_on}}
     return {
         "weighting": {"sigma2": {"training.weighting": "sigma2"},
                       "likelihood": {"training.weighting": "likelihood"},
                       "likelihood_importance": {"training.weighting": "likelihood_importance"}},
-        "fp": {"dsm": {"training.weighting": "likelihood"},
-               f"dsm+fp α={fp_weight:g} t≥{fp_t_min:g}": {"training.weighting": "likelihood", **fp_on}},
+        "fp": fp_arms,
+        "fp_finetune": fp_arms,
     }
 
 # Exact entropies (nats) of the toy densities: checkerboard is uniform on 8 squares of area 4.
@@ -66,6 +69,7 @@ COLUMNS = {
            ("ODE NLL", "test_nll", ".3f"), ("bound", "bound_nll", ".3f"), ("bound − ODE", "bound_gap", ".3f"),
            ("SW2", "sw2", ".4f"), ("train s", "train_seconds", ".0f")],
 }
+COLUMNS["fp_finetune"] = COLUMNS["fp"]
 _NOTES = "<!-- notes: kept when the script rewrites this file -->"
 
 
@@ -75,6 +79,9 @@ IMAGE_BASES = {"MNIST5K": mnist_ddpmpp.get_config}
 DEFAULT_ITERS = {"toy": 3000, "MNIST5K": 2000}
 # Arms that are the same run as another study's arm (identical overrides): their runs are shared, not repeated.
 SAME_RUN = {("fp", "dsm"): ("weighting", "likelihood")}
+# Fine-tuning studies (FP-Diffusion fine-tunes pre-trained models): every arm continues the named (study, arm)'s run
+# of the same seed for --finetune_iters more steps, from its final checkpoint.
+FINETUNE_FROM = {"fp_finetune": ("weighting", "likelihood")}
 # An image row reports bits/dim and the classifier distance where a toy row reports nats and SW2.
 IMAGE_KEYS = {"test_nll": "test_bpd", "bound_nll": "bound_bpd", "bound_gap": "bound_gap_bpd", "sw2": "fcd"}
 
@@ -120,8 +127,9 @@ def loss_spread(setup, params, n_batches=200):
     return spread
 
 
-def run_one(workdir, config):
-    """Trains (or resumes) and evaluates one run; returns its metrics, cached in workdir/result.json."""
+def run_one(workdir, config, start=None):
+    """Trains (or resumes) and evaluates one run; returns its metrics, cached in workdir/result.json. start: the
+    workdir of a finished run whose checkpoints a new run continues from (fine-tuning)."""
     path = os.path.join(workdir, "result.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -130,9 +138,12 @@ def run_one(workdir, config):
             raise ValueError(f"{path} holds a run of {result['n_iters']} steps, not {config.training.n_iters}: "
                              f"pass --n_iters={result['n_iters']} or use another --workdir.")
         return result
-    start = time.perf_counter()
+    if start is not None and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        for folder in ("checkpoints", "checkpoints-meta"):
+            shutil.copytree(os.path.join(start, folder), os.path.join(workdir, folder))
+    clock = time.perf_counter()
     run_lib.train(config, workdir)
-    train_seconds = time.perf_counter() - start
+    train_seconds = time.perf_counter() - clock
     run_lib.evaluate(config, workdir)
     with open(os.path.join(workdir, "eval", "metrics.jsonl")) as f:
         result = json.loads(f.read().splitlines()[-1])
@@ -211,12 +222,29 @@ def write_report(path, study, body, command):
     write_keeping_notes(path, header + body)
 
 
+def study_run(args, dataset, arm, overrides, seed):
+    """(config, workdir, start) of one run of args.study; start is the finished run a fine-tuning run continues
+    (trained first if missing), else None."""
+    def workdir(study, arm):
+        return os.path.join(args.workdir, study, dataset, arm.replace(" ", "_"), f"seed{seed}")
+
+    if args.study not in FINETUNE_FROM:
+        study, run_arm = SAME_RUN.get((args.study, arm), (args.study, arm))
+        return run_config(dataset, overrides, seed, args.n_iters), workdir(study, run_arm), None
+    source_study, source_arm = FINETUNE_FROM[args.study]
+    source = run_config(dataset, studies(args.fp_weight, args.fp_t_min)[source_study][source_arm], seed, args.n_iters)
+    run_one(workdir(source_study, source_arm), source)
+    config = run_config(dataset, overrides, seed, source.training.n_iters + args.finetune_iters)
+    return config, workdir(args.study, arm), workdir(source_study, source_arm)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--study", choices=("weighting", "fp"), required=True)
+    parser.add_argument("--study", choices=("weighting", "fp", "fp_finetune"), required=True)
     parser.add_argument("--fp_weight", type=float, default=0.15, help="α (FP-Diffusion's image default 0.15)")
     parser.add_argument("--fp_t_min", type=float, default=0.0, help="the FP term applies for t >= this")
     parser.add_argument("--datasets", default="eight_gaussians,checkerboard", help="add MNIST5K for the image rows")
+    parser.add_argument("--finetune_iters", type=int, default=400, help="fp_finetune: steps added to the run")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--n_iters", type=int, default=None, help="default 3,000 (toys), 2,000 (MNIST5K)")
     parser.add_argument("--workdir", default="runs/studies")
@@ -229,10 +257,8 @@ def main():
         probe = "rademacher" if dataset in IMAGE_BASES else "exact"
         for arm, overrides in studies(args.fp_weight, args.fp_t_min, probe)[args.study].items():
             for seed in seeds:
-                config = run_config(dataset, overrides, seed, args.n_iters)
-                study, run_arm = SAME_RUN.get((args.study, arm), (args.study, arm))
-                workdir = os.path.join(args.workdir, study, dataset, run_arm.replace(" ", "_"), f"seed{seed}")
-                result = run_one(workdir, config)
+                config, workdir, start = study_run(args, dataset, arm, overrides, seed)
+                result = run_one(workdir, config, start)
                 # The residual's t-bins are equal; bin 0 (t < 0.1) holds the ~1/σ⁴ growth near eps, which swamps
                 # the mean, so the mean of the other bins is reported beside it.
                 result["fpe_residual_late"] = float(np.mean([result[f"fpe_residual_t{k}"] for k in range(1, 10)]))

@@ -7,7 +7,8 @@ import datasets
 import likelihood
 
 # name -> (image size, channels, levels, train images, test images)
-SETS = {"DIGITS": (8, 1, 17, 1497, 300), "MNIST5K": (28, 1, 256, 4500, 500), "PHOTO_PATCHES": (32, 3, 256, 5200, 400)}
+SETS = {"DIGITS": (8, 1, 17, 1497, 300), "MNIST5K": (28, 1, 256, 4500, 500), "COLOUR_MNIST5K": (28, 3, 256, 4500, 500),
+        "PHOTO_PATCHES": (32, 3, 256, 5200, 400)}
 
 
 def config(name, centered=False, flip=False, dequantize=False, batch_size=64, num_test=-1):
@@ -164,3 +165,16 @@ def test_hosts_slices_of_a_batch_make_the_one_host_batch(monkeypatch, flip, dequ
                                                   batch_size=32)).train_batch(7))
     assert halves[0].shape == (16, 28, 28, 1)
     np.testing.assert_array_equal(np.concatenate(halves), whole)
+
+
+def test_coloured_digits_are_the_digits_in_one_palette_hue_each():
+    """Every coloured digit is its MNIST5K digit times one DIGIT_COLOURS hue (to the rounding, ±0.5 level), and
+    all six hues occur."""
+    grey, colour = (datasets.get_dataset(config(name, num_test=-1)) for name in ("MNIST5K", "COLOUR_MNIST5K"))
+    for k_grey, k_colour in ((grey.train_levels, colour.train_levels), (grey.test_levels, colour.test_levels)):
+        brightest = k_colour.reshape(len(k_colour), -1, 3)[np.arange(len(k_colour)),
+                                                          k_grey.reshape(len(k_grey), -1).argmax(1)]
+        hue = np.argmin(np.abs(brightest[:, None, :] - datasets.DIGIT_COLOURS[None]).sum(-1), axis=1)
+        want = k_grey / 255.0 * datasets.DIGIT_COLOURS[hue][:, None, None, :]
+        assert np.abs(k_colour - want).max() <= 0.5 + 1e-9
+        assert set(hue) == set(range(len(datasets.DIGIT_COLOURS)))

@@ -122,6 +122,13 @@ SAMPLERS = {
     "vp-ode-heun-edm": (VP, dict(method="ode", solver="heun", n_steps=30, schedule="edm")),  # 2.1
     "vp-ode-midpoint-uniform": (VP, dict(method="ode", solver="midpoint", n_steps=30)),  # 2.1
     "ve-ode-heun-edm": (VE, dict(method="ode", solver="heun", n_steps=30, schedule="edm")),  # 2.9
+    # EDM's stochastic sampler, 100 Heun steps: its default churn (γ = √2 - 1 on σ̃ in [0.05, 50]), and churn on
+    # every step. Each churned step lifts σ̃ by 41 % and steps down twice as far, so at 30 steps the component
+    # variances come out ~10 % high (|z| 5-6); that bias falls with the step size.
+    "vp-edm": (VP, dict(method="edm", n_steps=100)),  # 2.6
+    "subvp-edm": (SUBVP, dict(method="edm", n_steps=100)),  # 2.4
+    "ve-edm": (VE, dict(method="edm", n_steps=100)),  # 2.0
+    "vp-edm-full-churn": (VP, dict(method="edm", n_steps=100, churn=1e9, churn_range=(0.0, 1e9))),  # 3.1
 }
 
 
@@ -177,7 +184,8 @@ def test_ode_nfe_is_small_and_the_map_is_deterministic():
 
 def test_get_sampling_fn_reads_the_config():
     """The config's fields reach the sampler: the same samples as the direct call with those options (PC; adaptive
-    ODE with ode_rtol / ode_atol; fixed-step ODE with ode_solver / ode_steps / ode_schedule / ode_rho)."""
+    ODE with ode_rtol / ode_atol; fixed-step ODE with ode_solver / ode_steps / ode_schedule / ode_rho; EDM's
+    sampler with edm_steps / edm_churn / edm_churn_range / edm_noise and ode_rho)."""
     config = default_toy_configs.get_default_configs()
     config.sampling.update(method="pc", predictor="none", corrector="ald", n_steps_each=3, snr=0.2)
     x, nfe = sampling.get_sampling_fn(config, ALD_VE, (8, 2))(jax.random.PRNGKey(0), SCORES[ALD_VE])
@@ -195,6 +203,12 @@ def test_get_sampling_fn_reads_the_config():
                                     rho=5.0, denoise=True)
     np.testing.assert_array_equal(x, want)
     assert nfe == want_nfe == 2 * 7 + 1
+    config.sampling.update(method="edm", edm_steps=6, edm_churn=3.0, edm_churn_range=(0.1, 5.0), edm_noise=1.01)
+    x, nfe = sampling.get_sampling_fn(config, VP, (8, 2))(jax.random.PRNGKey(2), SCORES[VP])
+    want, want_nfe = sample_counted(VP, (8, 2), rng=2, method="edm", n_steps=6, churn=3.0, churn_range=(0.1, 5.0),
+                                    noise_scale=1.01, rho=5.0, denoise=True)
+    np.testing.assert_array_equal(x, want)
+    assert nfe == want_nfe == 2 * 6 + 1
 
 
 def test_langevin_alpha_is_ddpm_alpha_for_vp_and_one_for_ve():
@@ -274,8 +288,26 @@ def test_fixed_step_ode_nfe(solver, per_step):
     assert sampling._ode_sample._cache_size() == before + 1
 
 
+def test_edm_sampler_nfe_and_its_deterministic_limit():
+    """2 score evaluations per Heun step + 1 for the denoising step. With churn = 0 the sampler is a Heun solve of
+    the probability-flow ODE in (σ̃, y = x/m) from the same x_T as ode_sample: 200 steps land where Tsit5 at 1e-6
+    does (mean difference < 1e-3 and max < 2e-2 on data of scale ~1: the max is set by the few points near the
+    boundary between the components, where the flow's map is steep; a wrong m or σ̃ map moves points by O(0.1)),
+    and churn moves them."""
+    _, nfe = sample_counted(VP, (8, 2), method="edm", n_steps=7)
+    assert nfe == 15
+    _, nfe = sample_counted(VP, (8, 2), method="edm", n_steps=7, denoise=False)
+    assert nfe == 14
+    for sde in (VP, VE):
+        ode, _ = sample_counted(sde, (64, 2), method="ode", rtol=1e-6, atol=1e-6)
+        heun, _ = sample_counted(sde, (64, 2), method="edm", n_steps=200, churn=0.0, denoise=False)
+        churned, _ = sample_counted(sde, (64, 2), method="edm", n_steps=200, denoise=False)
+        assert np.abs(heun - ode).mean() < 1e-3 and np.abs(heun - ode).max() < 2e-2, np.abs(heun - ode).max()
+        assert np.abs(churned - ode).mean() > 0.1
+
+
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(method="heun"), "unknown sampling method 'heun'; choose one of \\['ald', 'euler', 'langevin', 'ode', 'pc'\\]"),
+    (dict(method="heun"), "unknown sampling method 'heun'; choose one of \\['ald', 'edm', 'euler', 'langevin', 'ode', 'pc'\\]"),
     (dict(method="pc", predictor="leapfrog"), "unknown predictor 'leapfrog'; choose one of"),
     (dict(method="pc", corrector="hmc"), "unknown corrector 'hmc'; choose one of"),
     (dict(method="ode", solver="rk4"),
@@ -283,6 +315,7 @@ def test_fixed_step_ode_nfe(solver, per_step):
     (dict(method="ode", solver="heun", schedule="cosine"), "unknown time schedule 'cosine'; choose one of"),
     (dict(method="ode", solver="euler", n_steps=0), "n_steps \\(fixed ODE steps\\) must be >= 1"),
     (dict(method="ald", init="gaussian"), "unknown initial noise 'gaussian'"),
+    (dict(method="edm", churn=-1.0), "the EDM sampler needs n_steps >= 1, churn >= 0"),
     (dict(method="pc", predictor="ancestral", probability_flow=True), "use probability_flow=False"),
     (dict(method="pc", eps=0.0), "eps must lie in"),
 ])

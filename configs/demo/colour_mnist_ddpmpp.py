@@ -1,0 +1,20 @@
+"""Colorization demo: configs/demo/mnist_ddpmpp.py (the main job's DDPM++, VP SDE) on COLOUR_MNIST5K, the embedded
+digits with each digit's strokes in one of six hues (datasets.DIGIT_COLOURS).
+
+    python main.py --config=configs/demo/colour_mnist_ddpmpp.py --workdir=runs/colour_demo --mode=train
+    python main.py --config=configs/demo/colour_mnist_ddpmpp.py --workdir=runs/colour_demo --mode=inpaint \
+        --inpaint_mask=colour
+
+--inpaint_mask=colour (the score-SDE paper's colorization) keeps the grey level of each test digit and draws its
+colour. Everything but the data is the MNIST demo's, sample-quality evaluation off (the digit classifier reads
+one channel).
+"""
+from configs.demo import mnist_ddpmpp
+
+
+def get_config():
+    config = mnist_ddpmpp.get_config()
+    config.data.dataset = "COLOUR_MNIST5K"
+    config.data.num_channels = 3
+    config.eval.enable_sample_quality = False
+    return config
