@@ -139,8 +139,9 @@ def samplers(sde_name):
 
 def edm_samplers():
     """EDM's stochastic sampler at 35 NFE (17 Heun steps + the denoising step): its ImageNet-64 churn (S_churn 40
-    on σ̃ in [0.05, 50], S_noise 1.003) and churn on every step."""
+    on σ̃ in [0.05, 50], S_noise 1.003), the same churn on σ̃ ≤ 10 only, and churn on every step."""
     return [("edm-17", 1000, dict(method="edm", n_steps=17)),
+            ("edm-17-tmax10", 1000, dict(method="edm", n_steps=17, churn_range=(0.05, 10.0))),
             ("edm-17-churn-all", 1000, dict(method="edm", n_steps=17, churn=1e9, churn_range=(0.0, 1e9),
                                              noise_scale=1.0))]
 

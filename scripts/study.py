@@ -270,9 +270,13 @@ def main():
             config = run_config(dataset, {}, seeds[0], args.n_iters)
             entropy = results[(dataset, arm)][0].get("entropy", float("nan"))
             floors[dataset] = {"sw2": sw2_floor(config), "entropy": entropy}
+    body = table(args.study, results, floors, seeds)
+    if args.study in FINETUNE_FROM:
+        body += (f"\n- fine-tuning: every run continues the {'/'.join(FINETUNE_FROM[args.study])} run of its seed "
+                 f"from its final checkpoint for {args.finetune_iters} more steps (same data stream, optimizer "
+                 f"state and EMA); the dsm arm is the control, the same steps without the regularizer.")
     command = "python " + " ".join(sys.argv)
-    write_report(args.output or os.path.join("results", f"{args.study}.md"), args.study,
-                 table(args.study, results, floors, seeds), command)
+    write_report(args.output or os.path.join("results", f"{args.study}.md"), args.study, body, command)
 
 
 if __name__ == "__main__":

@@ -477,16 +477,27 @@ except ValueError as e:
 """
 
 
-@pytest.mark.slow
-def test_eight_devices_give_the_one_device_loss_trajectory(tmp_path):
-    """12 steps with batch 64: one device in this process, 8 forced CPU devices in a subprocess (the XLA flag must
-    precede jax's import). Tolerance 1e-5 relative: the sharded batch mean sums in another order (float32 rounding,
-    ~1e-7 per step) and Adam carries the difference forward; a wrong sharding or rng would differ at O(1)."""
+def _train_losses(workdir):
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return np.array([json.loads(line)["train_loss"] for line in lines])
+
+
+def _parallel_config():
+    """tiny_config for the parallel runs: 12 logged steps of batch 64; 80 samples in shards of 40."""
     config = tiny_config()
     t = config.training
     t.batch_size, t.n_iters, t.log_freq = 64, 12, 1
     config.eval.batch_size = 64
     config.sampling.num_samples, config.sampling.shard_size = 80, 40
+    return config
+
+
+@pytest.mark.slow
+def test_eight_devices_give_the_one_device_loss_trajectory(tmp_path):
+    """12 steps with batch 64: one device in this process, 8 forced CPU devices in a subprocess (the XLA flag must
+    precede jax's import). Tolerance 1e-5 relative: the sharded batch mean sums in another order (float32 rounding,
+    ~1e-7 per step) and Adam carries the difference forward; a wrong sharding or rng would differ at O(1)."""
+    config = _parallel_config()
     run_lib.train(config, str(tmp_path / "one"))
     shared = _copy(tmp_path / "one", tmp_path / "shared")     # sampled and evaluated on 8 devices
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
@@ -497,11 +508,7 @@ def test_eight_devices_give_the_one_device_loss_trajectory(tmp_path):
     assert report["devices"] == 8
     assert "config.training.batch_size = 12 must divide evenly over 8 devices" in report["error"]
 
-    def losses(workdir):
-        lines = (tmp_path / workdir / "metrics.jsonl").read_text().splitlines()
-        return np.array([json.loads(line)["train_loss"] for line in lines])
-
-    one, eight = losses("one"), losses("eight")
+    one, eight = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "eight")
     assert len(one) == len(eight) == 12
     np.testing.assert_allclose(eight, one, rtol=1e-5)
     # Sampling and evaluation of the same checkpoint with the batch split over 8 devices: the same numbers up to
@@ -539,11 +546,7 @@ def test_two_hosts_train_sample_and_evaluate_as_one(tmp_path):
     """main.py --multihost: 2 processes of 2 CPU devices each train 12 steps, sample and evaluate; every number
     equals the one-process, one-device run's up to float rounding (tolerance as for 8 devices: the global batch is
     the same, its mean sums in another order), and only process 0 writes metrics (12 lines, not 24)."""
-    config = tiny_config()
-    t = config.training
-    t.batch_size, t.n_iters, t.log_freq = 64, 12, 1
-    config.eval.batch_size = 64
-    config.sampling.num_samples, config.sampling.shard_size = 80, 40
+    config = _parallel_config()
     config_file = tmp_path / "two_hosts_config.py"
     config_file.write_text(f"import json, ml_collections\n\ndef get_config():\n    return "
                            f"ml_collections.ConfigDict(json.loads({config.to_json()!r}))\n")
@@ -551,11 +554,7 @@ def test_two_hosts_train_sample_and_evaluate_as_one(tmp_path):
         _two_hosts(config_file, tmp_path / "two", mode)
     run_lib.train(config, str(tmp_path / "one"))
 
-    def losses(workdir):
-        lines = (tmp_path / workdir / "metrics.jsonl").read_text().splitlines()
-        return np.array([json.loads(line)["train_loss"] for line in lines])
-
-    one, two = losses("one"), losses("two")
+    one, two = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "two")
     assert len(one) == len(two) == 12
     np.testing.assert_allclose(two, one, rtol=1e-5)
     np.testing.assert_allclose(np.load(tmp_path / "two" / "samples" / "step_00000012" / "shard_00001.npz")["samples"],

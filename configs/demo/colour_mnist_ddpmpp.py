@@ -8,6 +8,11 @@ digits with each digit's strokes in one of six hues (datasets.DIGIT_COLOURS).
 --inpaint_mask=colour (the score-SDE paper's colorization) keeps the grey level of each test digit and draws its
 colour. Everything but the data is the MNIST demo's, sample-quality evaluation off (the digit classifier reads
 one channel).
+
+Expected: (measured, seed 42, 2-core CPU shared with 3 other jobs) training loss 0.018 at step 4000, 26 min;
+--mode=inpaint --inpaint_mask=colour 100 s: docs/demo_colorization.png, 8 test digits x 4 draws, the grey level kept
+exactly, most strokes in one palette hue that varies between draws, a few in a blend of two hues. A short CPU run,
+not a paper result.
 """
 from configs.demo import mnist_ddpmpp
 
