@@ -63,6 +63,7 @@ ENTROPY = {"checkerboard": float(np.log(32.0))}
 COLUMNS = {
     "weighting": [("ODE NLL", "test_nll", ".3f"), ("bound", "bound_nll", ".3f"), ("SW2", "sw2", ".4f"),
                   ("loss s.d. uniform t", "loss_sd_uniform", ".3f"), ("loss s.d. IS", "loss_sd_importance", ".3f"),
+                  ("loss mean uniform t", "loss_mean_uniform", ".3f"), ("loss mean IS", "loss_mean_importance", ".3f"),
                   ("train s", "train_seconds", ".0f")],
     "fp": [("FPE residual", "fpe_residual", ".3g"), ("FPE residual, t > 0.1", "fpe_residual_late", ".3g"),
            ("conservativity", "conservativity", ".3g"),
@@ -127,10 +128,13 @@ def loss_spread(setup, params, n_batches=200):
     return spread
 
 
-def run_one(workdir, config, start=None):
-    """Trains (or resumes) and evaluates one run; returns its metrics, cached in workdir/result.json. start: the
-    workdir of a finished run whose checkpoints a new run continues from (fine-tuning)."""
+def run_one(workdir, config, start=None, report_only=False):
+    """Trains (or resumes) and evaluates one run; returns its metrics, cached in workdir/result.json (None for a
+    missing one when report_only). start: the workdir of a finished run whose checkpoints a new run continues from
+    (fine-tuning)."""
     path = os.path.join(workdir, "result.json")
+    if report_only and not os.path.exists(path):
+        return None
     if os.path.exists(path):
         with open(path) as f:
             result = json.load(f)
@@ -173,18 +177,19 @@ def sw2_floor(config, draws=10):
     return float(np.mean(values)), float(np.std(values, ddof=1))
 
 
-def table(study, results, floors, seeds):
-    """Markdown: a row per (dataset, arm) with mean ± s.d. over seeds of each column."""
+def table(study, results, floors):
+    """Markdown: a row per (dataset, arm) with mean ± s.d. over its seeds of each column."""
     columns = COLUMNS[study]
-    lines = ["| dataset | arm | " + " | ".join(c for c, _, _ in columns) + " |",
-             "|---|---|" + "---|" * len(columns)]
+    lines = ["| dataset | arm | seeds | " + " | ".join(c for c, _, _ in columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
     for (dataset, arm), runs in results.items():
         cells = []
         for _, key, fmt in columns:
             key = IMAGE_KEYS.get(key, key) if dataset in IMAGE_BASES else key
             values = np.array([r[key] for r in runs])
             cells.append(f"{values.mean():{fmt}} ± {values.std(ddof=1) if len(values) > 1 else float('nan'):{fmt}}")
-        lines.append(f"| {dataset} | {arm} | " + " | ".join(cells) + " |")
+        seeds = ",".join(str(r["seed"]) for r in runs)
+        lines.append(f"| {dataset} | {arm} | {seeds} | " + " | ".join(cells) + " |")
     lines.append("")
     if any(dataset in IMAGE_BASES for dataset, _ in results):
         lines.append("- image rows (" + ", ".join(sorted({d for d, _ in results if d in IMAGE_BASES})) + "): the NLL "
@@ -195,7 +200,7 @@ def table(study, results, floors, seeds):
         lines.append(f"- {dataset}: entropy of the true density {entropy:.3f} nats (the NLL of a perfect model); "
                      f"SW2 of fresh true samples {floor['sw2'][0]:.4f} ± {floor['sw2'][1]:.4f} (10 draws: a perfect "
                      f"sampler's value at this sample size).")
-    lines.append(f"- mean ± sample s.d. over seeds {seeds}.")
+    lines.append("- mean ± sample s.d. over the row's seeds.")
     return "\n".join(lines)
 
 
@@ -233,7 +238,8 @@ def study_run(args, dataset, arm, overrides, seed):
         return run_config(dataset, overrides, seed, args.n_iters), workdir(study, run_arm), None
     source_study, source_arm = FINETUNE_FROM[args.study]
     source = run_config(dataset, studies(args.fp_weight, args.fp_t_min)[source_study][source_arm], seed, args.n_iters)
-    run_one(workdir(source_study, source_arm), source)
+    if not args.report_only:
+        run_one(workdir(source_study, source_arm), source)
     config = run_config(dataset, overrides, seed, source.training.n_iters + args.finetune_iters)
     return config, workdir(args.study, arm), workdir(source_study, source_arm)
 
@@ -249,6 +255,8 @@ def main():
     parser.add_argument("--n_iters", type=int, default=None, help="default 3,000 (toys), 2,000 (MNIST5K)")
     parser.add_argument("--workdir", default="runs/studies")
     parser.add_argument("--output", default=None, help="default results/<study>.md")
+    parser.add_argument("--report_only", action="store_true", help="write the table from the finished runs only; "
+                        "train nothing")
     args = parser.parse_args()
     logging.set_verbosity(logging.WARNING)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -258,7 +266,11 @@ def main():
         for arm, overrides in studies(args.fp_weight, args.fp_t_min, probe)[args.study].items():
             for seed in seeds:
                 config, workdir, start = study_run(args, dataset, arm, overrides, seed)
-                result = run_one(workdir, config, start)
+                result = run_one(workdir, config, start, args.report_only)
+                if result is None:
+                    print(f"{args.study} {dataset} {arm} seed {seed}: not run yet, left out", flush=True)
+                    continue
+                result["seed"] = seed
                 # The residual's t-bins are equal; bin 0 (t < 0.1) holds the ~1/σ⁴ growth near eps, which swamps
                 # the mean, so the mean of the other bins is reported beside it.
                 result["fpe_residual_late"] = float(np.mean([result[f"fpe_residual_t{k}"] for k in range(1, 10)]))
@@ -268,9 +280,10 @@ def main():
                                 for _, k, _ in COLUMNS[args.study]), flush=True)
         if dataset not in IMAGE_BASES:
             config = run_config(dataset, {}, seeds[0], args.n_iters)
-            entropy = results[(dataset, arm)][0].get("entropy", float("nan"))
+            entropy = next(iter(r for (d, _), runs in results.items() if d == dataset for r in runs)).get(
+                "entropy", float("nan"))
             floors[dataset] = {"sw2": sw2_floor(config), "entropy": entropy}
-    body = table(args.study, results, floors, seeds)
+    body = table(args.study, results, floors)
     if args.study in FINETUNE_FROM:
         body += (f"\n- fine-tuning: every run continues the {'/'.join(FINETUNE_FROM[args.study])} run of its seed "
                  f"from its final checkpoint for {args.finetune_iters} more steps (same data stream, optimizer "
