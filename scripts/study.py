@@ -288,7 +288,7 @@ def main():
         body += (f"\n- fine-tuning: every run continues the {'/'.join(FINETUNE_FROM[args.study])} run of its seed "
                  f"from its final checkpoint for {args.finetune_iters} more steps (same data stream, optimizer "
                  f"state and EMA); the dsm arm is the control, the same steps without the regularizer.")
-    command = "python " + " ".join(sys.argv)
+    command = "python " + " ".join(a for a in sys.argv if a != "--report_only")
     write_report(args.output or os.path.join("results", f"{args.study}.md"), args.study, body, command)
 
 
