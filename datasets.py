@@ -225,7 +225,7 @@ class ToyDataset:
 
     def __init__(self, toy, seed, batch_size, num_test):
         train_rng, test_rng = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), _DATA_STREAM))
-        self._train_rng = jax.random.fold_in(train_rng, 0)
+        self._train_rng = jax.random.fold_in(train_rng, 0)   # 0: the one-host stream of earlier versions
         self._sample = _jitted(toy.sample)
         self.density = toy.density
         self.batch_size, self.host_batch_size = batch_size, batch_size // jax.process_count()
@@ -575,7 +575,8 @@ class ImageDataset:
             here = pos // n == epoch
             idx[here] = self._permutation(int(epoch))[pos[here] % n]
         k = self.train_levels[idx]
-        # The global batch's flips and noise, sliced: a run on several hosts sees the batches of a run on one.
+        # The global batch's flips and noise, sliced: a run on several hosts sees the batches of a run on one (the 0
+        # keeps the one-host stream of earlier versions).
         rng, hosts = np.random.default_rng([self.seed, _DATA_STREAM, step, 0]), jax.process_count()
         if self.flip:
             k = np.where(_host_slice(rng.random(b * hosts), b)[:, None, None, None] < 0.5, k[:, :, ::-1], k)

@@ -421,6 +421,7 @@ def edm_sample(rng, sde, score_fn, shape, n_steps=18, churn=40.0, churn_range=(0
                     n_steps=int(n_steps), denoise=bool(denoise))
     return x, 2 * int(n_steps) + int(bool(denoise))
 
+
 def _noise_levels(sde):
     """The SDE's discrete noise levels σ_i, i = 0..N-1, increasing in i (level time sde.level_time(i))."""
     return sde.discrete_marginal(jnp.zeros((sde.N,)), jnp.arange(sde.N))[1]

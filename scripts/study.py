@@ -3,7 +3,10 @@ Fokker-Planck regularizer.
 
     python scripts/study.py --study=weighting        # σ² vs likelihood vs likelihood + importance sampling
     python scripts/study.py --study=fp               # DSM vs DSM + FP (likelihood weighting both)
+    python scripts/study.py --study=fp_finetune --datasets=MNIST5K --fp_weight=4.88e-7   # both continue the
+                                                     # likelihood run --finetune_iters (400) steps, FP-Diffusion's way
     [--datasets=eight_gaussians,checkerboard(,MNIST5K)] [--seeds=0,1,2] [--workdir=runs/studies] [--n_iters=N]
+    [--report_only]                                  # write results/<study>.md from the finished runs, train nothing
 
 Every (dataset, arm, seed) trains configs/toy/vp_eight_gaussians.py's setup (VP SDE, MLP, batch 256, 3,000 steps)
 with the arm's overrides and config.seed = seed (data, initialization and training noise all follow it), then
@@ -15,9 +18,10 @@ t uniform and with t ~ q(t) ∝ g²/σ², tests seed 001's variance claim. MNIST
 configs/demo/mnist_ddpmpp.py (the DDPM++ demo, batch 16, 2,000 steps) instead and reports bits/dim (Hutchinson
 ODE, rtol 1e-4, and the bound) on its 32 test digits, and in place of SW2 the Fréchet classifier distance of 256
 samples (the config's sample-quality evaluation; needs runs/classifiers/mnist5k.msgpack, see
-scripts/train_digit_classifier.py); its FP arm takes one Rademacher probe for the divergence. Each run's numbers are saved in its workdir
-(result.json), so a rerun only computes what is missing, and the FP study's DSM arm is the weighting study's
-likelihood run (the same config); results/<study>.md gets mean ± s.d. over seeds.
+scripts/train_digit_classifier.py); its FP arm takes one Rademacher probe for the divergence. FP-Diffusion's α is
+--fp_weight = 2α/D² here (results/fp.md): 4.88e-7 on MNIST for its 0.15. Each run's numbers are saved in its
+workdir (result.json), so a rerun only computes what is missing, and the FP study's DSM arm is the weighting
+study's likelihood run (the same config); results/<study>.md gets mean ± s.d. over each row's seeds.
 """
 import argparse
 import json
@@ -109,8 +113,8 @@ def run_config(dataset, overrides, seed, n_iters=None):
 
 
 def loss_spread(setup, params, n_batches=200):
-    """Standard deviations over n_batches minibatches (of the training batch size) of the likelihood-weighted DSM
-    loss, t uniform vs t ~ q(t) (the same expectation: losses.py's likelihood_importance estimator), at params."""
+    """Standard deviations and means over n_batches minibatches (of the training batch size) of the likelihood-
+    weighted DSM loss, t uniform vs t ~ q(t) (the same expectation: losses.py's likelihood_importance estimator)."""
     batch_size = setup.config.training.batch_size
     score_fn = setup.score_fn(params)
     data = jnp.asarray(setup.dataset.test_data)
@@ -247,7 +251,8 @@ def study_run(args, dataset, arm, overrides, seed):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", choices=("weighting", "fp", "fp_finetune"), required=True)
-    parser.add_argument("--fp_weight", type=float, default=0.15, help="α (FP-Diffusion's image default 0.15)")
+    parser.add_argument("--fp_weight", type=float, default=0.15, help="config.training.fp.weight (FP-Diffusion's "
+                        "α = 0.15 is 0.075 on a 2-D toy, 4.88e-7 on MNIST: 2α/D²)")
     parser.add_argument("--fp_t_min", type=float, default=0.0, help="the FP term applies for t >= this")
     parser.add_argument("--datasets", default="eight_gaussians,checkerboard", help="add MNIST5K for the image rows")
     parser.add_argument("--finetune_iters", type=int, default=400, help="fp_finetune: steps added to the run")
