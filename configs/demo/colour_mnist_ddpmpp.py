@@ -9,10 +9,10 @@ digits with each digit's strokes in one of six hues (datasets.DIGIT_COLOURS).
 colour. Everything but the data is the MNIST demo's, sample-quality evaluation off (the digit classifier reads
 one channel).
 
-Expected: (measured, seed 42, 2-core CPU shared with 3 other jobs) training loss 0.018 at step 4000, 26 min;
---mode=inpaint --inpaint_mask=colour 100 s: docs/demo_colorization.png, 8 test digits x 4 draws, the grey level kept
-exactly, most strokes in one palette hue that varies between draws, a few in a blend of two hues. A short CPU run,
-not a paper result.
+Expected: (measured, seed 42) training loss 0.018 at step 4000; --mode=inpaint --inpaint_mask=colour:
+docs/demo_colorization.png, 8 test digits x 4 draws, the grey level kept exactly, most strokes in one palette hue
+that varies between draws, a few in a blend of two hues. A short CPU run, not a paper result.
+Cost: on a 2-core CPU shared with 3 other jobs, training 26 min (4,000 steps at ~2.7 steps/s), --mode=inpaint 100 s.
 """
 from configs.demo import mnist_ddpmpp
 
