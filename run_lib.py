@@ -317,6 +317,12 @@ class MetricWriter:
             self._jsonl.close()
 
 
+def read_metrics(path):
+    """The records a MetricWriter wrote to the JSON-lines file at path, oldest first."""
+    with open(path) as f:
+        return [json.loads(line) for line in f.read().splitlines()]
+
+
 class Progress:
     """A one-line display (step/s, loss, ETA) redrawn with carriage returns on a TTY; absl log lines otherwise."""
 

@@ -38,8 +38,7 @@ LABELS = {"cd": "CD-20 (chains from data)", "pcd": "PCD-20 (replay buffer)", "ss
 
 def training_seconds(workdir):
     """Σ over the logged intervals of (steps in the interval) / steps_per_sec."""
-    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    records = [r for r in records if "steps_per_sec" in r]
+    records = [r for r in run_lib.read_metrics(os.path.join(workdir, "metrics.jsonl")) if "steps_per_sec" in r]
     previous, total = 0, 0.0
     for r in records:
         total += (r["step"] - previous) / r["steps_per_sec"]
@@ -48,7 +47,7 @@ def training_seconds(workdir):
 
 
 def last_eval(workdir):
-    return [json.loads(line) for line in open(os.path.join(workdir, "eval", "metrics.jsonl"))][-1]
+    return run_lib.read_metrics(os.path.join(workdir, "eval", "metrics.jsonl"))[-1]
 
 
 def chains_from_test_digits(config, workdir, n=N_GRID):

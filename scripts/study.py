@@ -153,8 +153,7 @@ def run_one(workdir, config, start=None, report_only=False):
     run_lib.train(config, workdir)
     train_seconds = time.perf_counter() - clock
     run_lib.evaluate(config, workdir)
-    with open(os.path.join(workdir, "eval", "metrics.jsonl")) as f:
-        result = json.loads(f.read().splitlines()[-1])
+    result = run_lib.read_metrics(os.path.join(workdir, "eval", "metrics.jsonl"))[-1]
     setup = run_lib.Setup(config)
     state, _ = run_lib.restore_latest(workdir, config, setup)
     if setup.dataset.levels is None:   # a toy: SW2 of samples; images have the eval's classifier distance

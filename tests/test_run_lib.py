@@ -124,7 +124,7 @@ def test_training_writes_checkpoints_metrics_and_config(trained):
     assert sorted(os.listdir(trained / "checkpoints")) == ["8"]
     assert sorted(os.listdir(trained / "checkpoints-meta")) == ["4"]
     assert json.loads((trained / "config.json").read_text()) == json.loads(tiny_config().to_json())
-    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    records = run_lib.read_metrics(trained / "metrics.jsonl")
     assert [r["step"] for r in records] == [4, 8]
     assert all({"train_loss", "grad_norm", "steps_per_sec", "eval_loss"} <= r.keys() for r in records)
     assert all(np.isfinite(r["train_loss"]) and r["steps_per_sec"] > 0 for r in records)
@@ -285,7 +285,7 @@ def test_padded_batches_wrap_around_to_equal_sizes():
 
 
 def _records(workdir):
-    return [json.loads(line) for line in (workdir / "eval" / "metrics.jsonl").read_text().splitlines()]
+    return run_lib.read_metrics(workdir / "eval" / "metrics.jsonl")
 
 
 def test_eval_resumes_from_its_saved_batches_and_reports_its_settings(trained, tmp_path, monkeypatch):
@@ -478,8 +478,7 @@ except ValueError as e:
 
 
 def _train_losses(workdir):
-    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
-    return np.array([json.loads(line)["train_loss"] for line in lines])
+    return np.array([r["train_loss"] for r in run_lib.read_metrics(pathlib.Path(workdir) / "metrics.jsonl")])
 
 
 def _parallel_config():

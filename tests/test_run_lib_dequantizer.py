@@ -3,7 +3,6 @@ the smallest image setup: DIGITS 8x8 (17 levels) with a one-block MLP score trai
 couplings of 8 features trained 4 steps of batch 8. The numbers are checked against dequantization.py called
 directly with the keys, integers and parameters the loops are documented to use; resume must be bit-identical."""
 import copy
-import json
 import shutil
 
 import jax
@@ -54,10 +53,6 @@ def _flow_at(setup, workdir, step):
     return run_lib.restore(manager, step, run_lib._abstract(template, setup.replicated), str(workdir))
 
 
-def _metrics(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def test_training_checkpoints_and_logs_the_bound_of_the_quantized_batch(run, score):
     """Checkpoints at 2 (snapshot_freq) and 4 (the end), a metrics line per step. Step 3's train_bpd is the mean
     variational bound (DSM form, n_t = 2) of the flow saved at step 2 on the integers of training batch 2 (0-based),
@@ -68,7 +63,7 @@ def test_training_checkpoints_and_logs_the_bound_of_the_quantized_batch(run, sco
     folder = workdir / "dequantizer"
     assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["2", "4"]
     assert int(state.step) == STEPS and (folder / "config.json").exists()
-    records = _metrics(folder / "metrics.jsonl")
+    records = run_lib.read_metrics(folder / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["score_step"] == 2 for r in records)
 
     setup, score_fn = score
@@ -103,11 +98,11 @@ def test_two_half_runs_end_bit_identical_to_one_run(run, tmp_path):
     for a, b in zip(saved_arrays(split, STEPS, "dequantizer/checkpoints"),
                     saved_arrays(workdir, STEPS, "dequantizer/checkpoints")):
         np.testing.assert_array_equal(a, b)
-    assert [r["step"] for r in _metrics(split / "dequantizer" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [r["step"] for r in run_lib.read_metrics(split / "dequantizer" / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 def _records(workdir):
-    return _metrics(workdir / "eval" / "metrics.jsonl")
+    return run_lib.read_metrics(workdir / "eval" / "metrics.jsonl")
 
 
 def test_eval_reports_the_variational_bpd_of_the_direct_computation(run, score, monkeypatch):

@@ -12,7 +12,6 @@ Closed forms:
   MMD² = E k(X, X') + E k(Y, Y') - 2 E k(X, Y). The unbiased estimator's mean is exactly this.
 """
 import importlib.util
-import json
 import pathlib
 import subprocess
 import sys
@@ -418,7 +417,7 @@ def test_eval_mode_writes_the_sample_quality_metrics(trained, tmp_path):
     manager.save(2, args=ocp.args.StandardSave(setup.initial_state.replace(ema_params=ema)))
     manager.wait_until_finished()
     run_lib.evaluate(config, str(workdir))
-    (record,) = [json.loads(line) for line in (workdir / "eval" / "metrics.jsonl").read_text().splitlines()]
+    (record,) = run_lib.read_metrics(workdir / "eval" / "metrics.jsonl")
 
     # The same computation here: shard k of the samples from the eval stream folded with the step and then
     # run_lib._QUALITY_SAMPLES, then k; the metrics' rng: that stream folded with the evaluator's position, 1.
